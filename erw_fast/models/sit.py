@@ -1,0 +1,378 @@
+"""SiT: a DiT-style transformer with adaLN-Zero blocks on VAE latents, plus REPA/ERW projectors.
+
+Read top to bottom: blocks → the shared trunk (embedders, blocks, projectors) → the full model → the
+Phase-1 (L2R, "latent-to-representation") model that ERW's warmup builds → named configurations.
+State-dict keys and shapes equal the reference REPA/ERW implementation, so released checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from erw_fast.models.attention import Attention
+from erw_fast.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from erw_fast.models.rope import Rope2D
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Mlp(nn.Module):
+    """fc1 → tanh-GELU → fc2 (key names of timm's Mlp)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
+    """REPA projector: Linear D→P, SiLU, Linear P→P, SiLU, Linear P→z_dim."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block: the conditioning c yields shift/scale/gate for attention, then for the MLP."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+        attn_backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, backend=attn_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) → Linear to p·p·C per token. No learned sigma."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class _SiTTrunk(nn.Module):
+    """What both ERW phases share: embedders, the first `num_blocks` blocks and the projectors.
+
+    Attribute names are the reference's, so the full model and the Phase-1 model have identical keys for
+    every shared tensor and weight transfer between them is a plain name match.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        patch_size: int,
+        in_channels: int,
+        hidden_size: int,
+        depth: int,
+        num_built_blocks: int,
+        num_heads: int,
+        mlp_ratio: float,
+        class_dropout_prob: float,
+        num_classes: int,
+        z_dims: Sequence[int],
+        projector_dim: int,
+        encoder_depth: int,
+        qk_norm: bool,
+        use_rope: bool,
+        attn_backend: str,
+    ) -> None:
+        super().__init__()
+        if not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth must be in [1, depth={depth}] (counted from 1), got {encoder_depth}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels
+        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.num_classes = num_classes
+        self.z_dims = list(z_dims)
+        self.encoder_depth = encoder_depth
+        self.use_rope = use_rope
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Frozen sin-cos table, kept as a parameter (requires_grad=False) because checkpoints store it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.rope = Rope2D(hidden_size // num_heads, self.x_embedder.grid_size) if use_rope else None
+        self.blocks = nn.ModuleList(
+            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, attn_backend=attn_backend)
+            for _ in range(num_built_blocks)
+        )
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in self.z_dims)
+
+    @property
+    def num_patches(self) -> int:
+        return self.x_embedder.num_patches
+
+    def set_attention_backend(self, backend: str) -> None:
+        for block in self.blocks:
+            block.attn.set_backend(backend)
+
+    @property
+    def attention_backend(self) -> str:
+        return self.blocks[0].attn.backend if len(self.blocks) else "none"
+
+    def _init_trunk(self) -> None:
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        grid = self.x_embedder.grid_size
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, grid)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as an nn.Linear, not a conv
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (N, T, D) with position embedding, and the conditioning vector c = emb(t) + emb(y)."""
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        return tokens, c
+
+    def project(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        return [projector(hidden) for projector in self.projectors]
+
+    def hidden_after(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int | None = None
+    ) -> torch.Tensor:
+        """Hidden state after block `depth` (counted from 1; default: encoder_depth)."""
+        depth = self.encoder_depth if depth is None else depth
+        if not 0 <= depth <= len(self.blocks):
+            raise ValueError(f"depth must be in [0, {len(self.blocks)}] for this model, got {depth}")
+        h, c = self.embed(x, t, y)
+        for block in self.blocks[:depth]:
+            h = block(h, c, self.rope)
+        return h
+
+
+class SiT(_SiTTrunk):
+    """The full SiT. ``forward(x, t, y) -> (v, [z per encoder])``.
+
+    Accepts the reference constructor keywords. ``decoder_hidden_size`` exists only for compatibility: the
+    reference builds the final layer at that width (768 by default), which breaks SiT-S and any model whose
+    hidden size is not 768 unless overridden; here it must equal ``hidden_size`` (or be left out).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        z_dims: Sequence[int] = (768,),
+        projector_dim: int = 2048,
+        encoder_depth: int = 8,
+        qk_norm: bool = False,
+        use_rope: bool = False,
+        attn_backend: str = "sdpa",
+        decoder_hidden_size: int | None = None,
+        **reference_only: object,
+    ) -> None:
+        _check_reference_only(reference_only)
+        if decoder_hidden_size is not None and decoder_hidden_size != hidden_size:
+            raise ValueError(
+                f"decoder_hidden_size={decoder_hidden_size} differs from hidden_size={hidden_size}; SiT's final "
+                "layer reads the last block directly, so they must match"
+            )
+        super().__init__(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_built_blocks=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=z_dims,
+            projector_dim=projector_dim, encoder_depth=encoder_depth, qk_norm=qk_norm, use_rope=use_rope,
+            attn_backend=attn_backend,
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        self._init_trunk()
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p·p·C) → (N, C, H, W)."""
+        c, p, h = self.out_channels, self.patch_size, self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, h * p)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h, c = self.embed(x, t, y, force_drop_ids)
+        zs: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, self.rope)
+            if i + 1 == self.encoder_depth:
+                zs = self.project(h)
+        return self.unpatchify(self.final_layer(h, c)), zs
+
+
+class SiTPhase1(_SiTTrunk):
+    """ERW Phase 1 (L2R): embedders, the first ``warmup_depth`` blocks and the projectors — nothing else.
+
+    The late blocks and the final layer are never allocated. The projectors read the last built block.
+    ``forward(x, t, y) -> [z per encoder]``; ERW runs it on clean latents at t = 0.
+    """
+
+    def __init__(
+        self,
+        warmup_depth: int,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        z_dims: Sequence[int] = (768,),
+        projector_dim: int = 2048,
+        qk_norm: bool = False,
+        use_rope: bool = False,
+        attn_backend: str = "sdpa",
+        encoder_depth: int | None = None,
+        decoder_hidden_size: int | None = None,
+        **reference_only: object,
+    ) -> None:
+        _check_reference_only(reference_only)
+        if not 1 <= warmup_depth <= depth:
+            raise ValueError(f"warmup depth L must be in [1, depth={depth}], got {warmup_depth}")
+        if encoder_depth is not None and encoder_depth != warmup_depth:
+            raise ValueError(
+                f"the Phase-1 projector reads the last warmed block: encoder_depth={encoder_depth} must equal "
+                f"the warmup depth L={warmup_depth} (Phase 2 may align at another depth)"
+            )
+        super().__init__(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_built_blocks=warmup_depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=z_dims,
+            projector_dim=projector_dim, encoder_depth=warmup_depth, qk_norm=qk_norm, use_rope=use_rope,
+            attn_backend=attn_backend,
+        )
+        self.warmup_depth = warmup_depth
+        self._init_trunk()
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        h, c = self.embed(x, t, y, force_drop_ids)
+        for block in self.blocks:
+            h = block(h, c, self.rope)
+        return self.project(h)
+
+
+# Keywords the reference constructor takes that change nothing here (its loss/path live elsewhere).
+_REFERENCE_NOOP_KWARGS = {"path_type", "use_cfg", "fused_attn"}
+
+
+def _check_reference_only(kwargs: dict[str, object]) -> None:
+    unknown = set(kwargs) - _REFERENCE_NOOP_KWARGS
+    if unknown:
+        raise TypeError(f"unexpected SiT keyword argument(s): {sorted(unknown)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Named configurations
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiTSize:
+    depth: int
+    hidden_size: int
+    num_heads: int
+
+
+SIT_SIZES: dict[str, SiTSize] = {
+    "S": SiTSize(12, 384, 6),
+    "B": SiTSize(12, 768, 12),
+    "L": SiTSize(24, 1024, 16),
+    "XL": SiTSize(28, 1152, 16),
+}
+SIT_PATCH_SIZES = (2, 4, 8)
+SIT_CONFIGS: tuple[str, ...] = tuple(f"SiT-{s}/{p}" for s in SIT_SIZES for p in SIT_PATCH_SIZES)
+
+_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    """'SiT-XL/2' → ('XL', 2); anything else is a clear error listing the valid names."""
+    match = _NAME.match(name)
+    if not match or int(match.group(2)) not in SIT_PATCH_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIT_CONFIGS)}")
+    return match.group(1), int(match.group(2))
+
+
+def sit_config(name: str, **overrides: object) -> dict[str, object]:
+    size, patch = parse_model_name(name)
+    spec = SIT_SIZES[size]
+    config: dict[str, object] = {
+        "depth": spec.depth, "hidden_size": spec.hidden_size, "num_heads": spec.num_heads, "patch_size": patch,
+    }
+    config.update(overrides)
+    return config
+
+
+def build_sit(name: str, **overrides: object) -> SiT:
+    """Build a named SiT ('SiT-XL/2', …); keyword overrides go to the constructor."""
+    return SiT(**sit_config(name, **overrides))
+
+
+def build_sit_phase1(name: str, warmup_depth: int, **overrides: object) -> SiTPhase1:
+    """Build the ERW Phase-1 model of a named SiT with the first ``warmup_depth`` blocks."""
+    return SiTPhase1(warmup_depth, **sit_config(name, **overrides))

@@ -1,0 +1,112 @@
+"""Per-phase training losses: ERW Phase 1 (alignment only, clean latents at t = 0) and the diffusion loss
+with weighted alignment of Phase 2 / REPA / plain SiT."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from erw_fast.objectives.alignment import NEGATIVE_SETS, nt_xent_loss, repa_cosine_loss
+from erw_fast.objectives.interpolants import Interpolant
+
+ALIGNMENT_OBJECTIVES = ("cosine", "nt_xent")
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+@dataclass(frozen=True)
+class AlignmentObjective:
+    """Which alignment loss to use and how. ``objective``: 'cosine' (REPA, the released ERW code) or
+    'nt_xent' (the ERW paper's stated objective)."""
+
+    objective: str = "cosine"
+    temperature: float = 0.1
+    negatives: str = "batch"
+    symmetric: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.objective not in ALIGNMENT_OBJECTIVES:
+            raise ValueError(f"unknown alignment objective {self.objective!r}; choose one of {ALIGNMENT_OBJECTIVES}")
+        if self.negatives not in NEGATIVE_SETS:
+            raise ValueError(f"unknown negatives {self.negatives!r}; choose one of {NEGATIVE_SETS}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def __call__(self, projs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.objective == "cosine":
+            return repa_cosine_loss(projs, targets, backend=self.backend)
+        return nt_xent_loss(
+            projs, targets, temperature=self.temperature, negatives=self.negatives,
+            symmetric=self.symmetric, backend=self.backend,
+        )
+
+
+def legacy_warmup_cosine_loss(projs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The released ERW warmup loss, bug included: a mis-indented loop leaves only the *last* sample of the
+    local batch in the sum, which is still divided by B (and by the number of encoders). Off by default; kept
+    only to reproduce reference runs."""
+    batch = projs[0].shape[0]
+    total = projs[0].new_zeros((), dtype=torch.float32)
+    for proj, target in zip(projs, targets, strict=True):
+        q = F.normalize(proj[-1].float(), dim=-1)
+        k = F.normalize(target[-1].float(), dim=-1)
+        total = total + (-(q * k).sum(dim=-1)).mean()
+    return total / (len(projs) * batch)
+
+
+def phase1_loss(
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    encoder_features: Sequence[torch.Tensor],
+    alignment: AlignmentObjective,
+    legacy_warmup_loss: bool = False,
+) -> torch.Tensor:
+    """ERW Phase 1: the Phase-1 model on clean latents at t = 0, trained on the alignment loss alone."""
+    t = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
+    projs = model(latents, t, labels)
+    if legacy_warmup_loss:
+        return legacy_warmup_cosine_loss(projs, encoder_features)
+    return alignment(projs, encoder_features)
+
+
+@dataclass
+class DiffusionLossOutput:
+    loss: torch.Tensor  # what is back-propagated: diffusion + λ·alignment
+    diffusion: torch.Tensor
+    alignment: torch.Tensor | None
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    interpolant: Interpolant,
+    *,
+    time_weighting: str = "uniform",
+    encoder_features: Sequence[torch.Tensor] | None = None,
+    alignment: AlignmentObjective | None = None,
+    alignment_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> DiffusionLossOutput:
+    """v-prediction MSE at t drawn from ``time_weighting`` (+ λ·alignment when features are given).
+
+    Used for ERW Phase 2 (λ from the schedule), REPA (constant λ) and plain SiT (no features)."""
+    t = interpolant.sample_time(
+        latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
+    )
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+    x_t, target = interpolant.interpolate(latents, noise, t)
+    prediction, projs = model(x_t, t, labels)
+    diffusion = mean_flat((prediction.float() - target.float()) ** 2).mean()
+    if encoder_features is None or alignment is None:
+        return DiffusionLossOutput(diffusion, diffusion, None)
+    align = alignment(projs, encoder_features)
+    return DiffusionLossOutput(diffusion + alignment_weight * align, diffusion, align)
