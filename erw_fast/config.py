@@ -1,0 +1,336 @@
+"""Typed run configuration: YAML files validated against dataclasses, with ``key.sub=value`` overrides.
+
+Unknown or misspelled keys and wrongly typed values are errors that name the key (with a suggestion);
+cross-field checks (warmup ≥ total steps, alignment depth beyond the model, …) run in ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the dotted key it concerns."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    mode: Literal["erw", "repa", "sit"] = "erw"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SiT-XL/2"
+    input_size: int = 32  # latent side: 32 for 256 px with the SD VAE
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    projector_dim: int = 2048
+    qk_norm: bool = False
+    use_rope: bool = False
+    attn_backend: str = "auto"
+    # Architecture overrides for custom sizes (depth, hidden_size, num_heads, patch_size, mlp_ratio).
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class EncoderConfig:
+    names: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    pretrained: bool = True
+    weights_paths: list[str] = field(default_factory=list)  # one local file per encoder, or empty
+    resolution: int = 256  # image resolution the encoder sees (before its own resize)
+
+
+@dataclass
+class AlignmentConfig:
+    objective: Literal["cosine", "nt_xent"] = "cosine"
+    temperature: float = 0.1
+    negatives: Literal["batch", "position"] = "batch"
+    symmetric: bool = False
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    encoder_depth: int = 8  # block (from 1) whose output the projector reads in the full phase / REPA
+    weight: float = 0.5  # REPA's constant λ
+
+
+@dataclass
+class ERWConfig:
+    warmup_steps: int = 100_000
+    warmup_depth: int = 4  # L: blocks built and trained in Phase 1
+    c0: float | None = None  # None → preset by model size (XL 6, L 3, else 1)
+    half_life: float = 50_000
+    reuse_projector: bool = True  # Phase 2 starts from the Phase-1 projector
+    legacy_warmup_loss: bool = False  # reproduce the reference's last-sample-only warmup loss
+
+
+@dataclass
+class DiffusionConfig:
+    path_type: Literal["linear", "cosine"] = "linear"
+    time_weighting: Literal["uniform", "lognormal"] = "uniform"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    implementation: Literal["auto", "fused", "foreach"] = "auto"
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 400_000
+    global_batch_size: int = 256
+    micro_batch_size: int | None = None  # per device; None → global / world size (no accumulation)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    tf32: bool = True
+    max_nonfinite_steps: int = 10  # abort after this many non-finite steps in a row
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["demo"] = "demo"
+    path: str | None = None
+    num_samples: int = 2048  # demo dataset size
+    image_size: int = 64  # demo image side (the encoder's input)
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "erw_fast"
+    plot: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10_000
+    keep_last: int = 3
+    export_reference: bool = True  # also write the reference layout {model, ema, args, steps} at the end
+    resume: str = "auto"  # auto (latest in the run dir) | none | path to a checkpoint
+    init_from_reference: str | None = None  # a reference checkpoint to start from (a warmup one → Phase 1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    erw: ERWConfig = field(default_factory=ERWConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def _suggest(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" — did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{_suggest(str(value), map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {annotation!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            suggestion = _suggest(key, names)
+            if suggestion:
+                suggestion = f" — did you mean {prefix + difflib.get_close_matches(key, names, n=1, cutoff=0.6)[0]!r}?"
+            raise ConfigError(f"unknown config key {where!r}{suggestion}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, annotation, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """['train.total_steps=100', 'encoder.names=[a,b]'] → nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (optional), apply overrides, build and validate the typed config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides))
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks, each naming the keys involved."""
+    from erw_fast.models.sit import SIT_SIZES, parse_model_name
+
+    try:
+        size, patch = parse_model_name(config.model.name)
+    except ValueError as error:
+        raise ConfigError(f"model.name: {error}") from error
+    depth = config.model.depth or SIT_SIZES[size].depth
+    train, erw, align = config.train, config.erw, config.alignment
+    if train.total_steps < 1:
+        raise ConfigError(f"train.total_steps must be ≥ 1, got {train.total_steps}")
+    if train.global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size must be ≥ 1, got {train.global_batch_size}")
+    if config.run.mode == "erw":
+        if not 0 < erw.warmup_steps < train.total_steps:
+            raise ConfigError(
+                f"erw.warmup_steps ({erw.warmup_steps}) must be > 0 and < train.total_steps ({train.total_steps})"
+            )
+        if not 1 <= erw.warmup_depth <= depth:
+            raise ConfigError(f"erw.warmup_depth ({erw.warmup_depth}) must be in [1, model depth {depth}]")
+    if config.run.mode in ("erw", "repa"):
+        if not 1 <= align.encoder_depth <= depth:
+            raise ConfigError(
+                f"alignment.encoder_depth ({align.encoder_depth}) is beyond the model: {config.model.name} has "
+                f"depth {depth}"
+            )
+        if not config.encoder.names:
+            raise ConfigError(f"encoder.names is empty, but mode {config.run.mode!r} aligns with an encoder")
+        if config.encoder.weights_paths and len(config.encoder.weights_paths) != len(config.encoder.names):
+            raise ConfigError(
+                f"encoder.weights_paths has {len(config.encoder.weights_paths)} entries for "
+                f"{len(config.encoder.names)} encoders"
+            )
+    if not align.temperature > 0:
+        raise ConfigError(f"alignment.temperature must be > 0, got {align.temperature}")
+    if len(config.optim.betas) != 2:
+        raise ConfigError(f"optim.betas needs two values, got {config.optim.betas}")
+    if not 0 <= config.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
+    if config.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be ≥ 1, got {config.checkpoint.keep_last}")
+    if config.model.input_size % (config.model.patch_size or patch):
+        raise ConfigError(
+            f"model.input_size ({config.model.input_size}) is not divisible by the patch size "
+            f"{config.model.patch_size or patch}"
+        )
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,533 @@
+"""The training loop for ERW (warmup → full in one run), REPA and plain SiT.
+
+One global step counter s runs over the whole run. In ERW mode, steps [0, W) are Phase 1 (the Phase-1 model,
+alignment only, t = 0) and [W, S) Phase 2 (the full model, diffusion + λ(s)·alignment); at s = W the
+Phase-1 weights are transferred automatically and the Phase-1 optimizer state is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from erw_fast.checkpoint import (
+    capture_rng_state,
+    export_reference_checkpoint,
+    import_reference_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from erw_fast.config import Config, ConfigError, dump_config, load_config
+from erw_fast.ema import EMA
+from erw_fast.metrics import MetricsWriter
+from erw_fast.models import SiT, SiTPhase1, describe_attention_backend, transfer_phase1_weights
+from erw_fast.models.sit import parse_model_name, sit_config
+from erw_fast.objectives import (
+    AlignmentObjective,
+    ConstantLambda,
+    ERWLambdaSchedule,
+    Interpolant,
+    diffusion_loss,
+    erw_c0_preset,
+    phase1_loss,
+    resolve_alignment_backend,
+)
+from erw_fast.runtime import DistEnv, autocast_context, init_runtime, set_tf32
+
+WARMUP, FULL = "warmup", "full"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Phase:
+    name: str  # warmup | full | repa | sit
+    start: int
+    end: int
+
+    @property
+    def aligns(self) -> bool:
+        return self.name != "sit"
+
+
+def plan_phases(config: Config) -> list[Phase]:
+    total = config.train.total_steps
+    if config.run.mode == "erw":
+        return [Phase(WARMUP, 0, config.erw.warmup_steps), Phase(FULL, config.erw.warmup_steps, total)]
+    return [Phase(config.run.mode, 0, total)]
+
+
+@dataclass
+class BatchPlan:
+    """Global batch → per-device batch → micro-batches (gradient accumulation)."""
+
+    global_batch: int
+    local_batch: int
+    micro_batch: int
+    accumulation: int
+
+    @classmethod
+    def derive(cls, config: Config, world_size: int) -> BatchPlan:
+        global_batch = config.train.global_batch_size
+        if global_batch % world_size:
+            raise ConfigError(
+                f"train.global_batch_size ({global_batch}) is not divisible by the world size {world_size}"
+            )
+        local = global_batch // world_size
+        micro = config.train.micro_batch_size or local
+        if local % micro:
+            raise ConfigError(f"train.micro_batch_size ({micro}) does not divide the per-device batch {local}")
+        return cls(global_batch, local, micro, local // micro)
+
+
+@dataclass
+class PhaseStats:
+    name: str
+    steps: int = 0
+    images: int = 0
+    wall_s: float = 0.0
+    final_loss: float | None = None
+    skipped: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_kwargs(config: Config, z_dims: Sequence[int]) -> dict[str, Any]:
+    m = config.model
+    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(m, k)}
+    return sit_config(
+        m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
+        class_dropout_prob=m.class_dropout_prob, projector_dim=m.projector_dim, qk_norm=m.qk_norm,
+        use_rope=m.use_rope, attn_backend=m.attn_backend, mlp_ratio=m.mlp_ratio, z_dims=list(z_dims), **overrides,
+    )
+
+
+class Trainer:
+    def __init__(self, config: Config, env: DistEnv | None = None, log_stream=None) -> None:
+        self.config = config
+        self.env = env or init_runtime(config.run.device)
+        self.device = self.env.device
+        self.out = log_stream
+        self.run_dir = config.run_dir
+        self.batch = BatchPlan.derive(config, self.env.world_size)
+        self.phases = plan_phases(config)
+        self.interpolant = Interpolant(config.diffusion.path_type)
+        align = config.alignment
+        backend = resolve_alignment_backend(align.backend, torch.empty(0, device=self.device))
+        self.alignment = AlignmentObjective(
+            align.objective, align.temperature, align.negatives, align.symmetric, backend
+        )
+        self.lam = self._lambda_schedule()
+        self.stats: dict[str, PhaseStats] = {}
+        self.nonfinite_in_a_row = 0
+        self.model: nn.Module | None = None
+
+    # --------------------------------------------------------------------------------------- setup
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, file=self.out or sys.stdout, flush=True)
+
+    def _lambda_schedule(self):
+        c = self.config
+        if c.run.mode == "erw":
+            c0 = c.erw.c0 if c.erw.c0 is not None else erw_c0_preset(c.model.name)
+            return ERWLambdaSchedule(c0, c.erw.warmup_steps, c.train.total_steps, c.erw.half_life)
+        return ConstantLambda(c.alignment.weight if c.run.mode == "repa" else 0.0)
+
+    def _build_data(self) -> None:
+        from erw_fast.data import DemoShapesDataset, ResumableBatchSampler
+
+        c = self.config
+        if c.data.kind != "demo":
+            raise ConfigError(f"data.kind {c.data.kind!r} is not supported yet")
+        patch_side = c.model.input_size
+        self.dataset = DemoShapesDataset(
+            num_samples=c.data.num_samples, num_classes=c.model.num_classes, image_size=c.data.image_size,
+            latent_size=patch_side, latent_channels=c.model.in_channels, seed=c.run.seed,
+        )
+        self.sampler = ResumableBatchSampler(
+            len(self.dataset), self.batch.global_batch, seed=c.run.seed, rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+
+    def _build_encoders(self) -> None:
+        self.encoders: list[nn.Module] = []
+        if self.config.run.mode == "sit":
+            return
+        from erw_fast.encoders import check_token_count, load_encoders
+
+        enc = self.config.encoder
+        if enc.resolution != self.config.data.image_size:
+            raise ConfigError(
+                f"encoder.resolution ({enc.resolution}) must equal the image size the data provides "
+                f"(data.image_size = {self.config.data.image_size})"
+            )
+        # Randomly initialised encoders (pretrained: false) must be identical on every rank and after a
+        # resume, so they are drawn from a fixed seed, outside the training RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.run.seed + 7919)
+            self.encoders = load_encoders(
+                enc.names, resolution=enc.resolution, pretrained=enc.pretrained,
+                weights_paths=enc.weights_paths or None, device=self.device,
+            )
+        sit_tokens = (self.config.model.input_size // (self.config.model.patch_size or
+                                                        parse_model_name(self.config.model.name)[1])) ** 2
+        for encoder in self.encoders:
+            self.log(f"encoder: {encoder!r}")
+            check_token_count(encoder.num_patches(), sit_tokens, encoder.name)
+
+    def _z_dims(self) -> list[int]:
+        return [int(e.embed_dim) for e in self.encoders]  # plain SiT: no projectors
+
+    def _new_model(self, phase: Phase) -> nn.Module:
+        kwargs = model_kwargs(self.config, self._z_dims())
+        if phase.name == WARMUP:
+            model = SiTPhase1(self.config.erw.warmup_depth, **kwargs)
+        else:
+            model = SiT(encoder_depth=self.config.alignment.encoder_depth, **kwargs)
+        return model.to(self.device)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.config.optim
+        impl = o.implementation
+        if impl == "auto":
+            impl = "fused" if self.device.type == "cuda" else "foreach"
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
+            fused=impl == "fused", foreach=impl == "foreach" or None,
+        )
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.env.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return model
+
+    def _enter_phase(self, phase: Phase, model: nn.Module) -> None:
+        self.phase = phase
+        self.model = model
+        self.train_model = self._wrap(torch.compile(model) if self.config.train.compile else model)
+        self.optimizer = self._optimizer(model)
+        self.ema = EMA(model, self.config.optim.ema_decay)
+        use_scaler = self.config.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.stats.setdefault(phase.name, PhaseStats(phase.name))
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.log(
+            f"phase {phase.name}: steps [{phase.start}, {phase.end}), {type(model).__name__} with "
+            f"{len(model.blocks)} blocks, {n_params / 1e6:.2f}M trainable parameters, attention "
+            f"{describe_attention_backend(model.attention_backend)}, alignment "
+            f"{self.alignment.objective}/{self.alignment.backend if phase.aligns else '-'}"
+        )
+
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    def _state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "phase": self.phase.name,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": capture_rng_state(),
+            "data": self.sampler.position(step),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "stats": {k: {"steps": s.steps, "images": s.images, "wall_s": s.wall_s, "final_loss": s.final_loss,
+                          "skipped": s.skipped} for k, s in self.stats.items()},
+            "config": self.config.to_dict(),
+            "world_size": self.env.world_size,
+        }
+
+    def _save(self, step: int, tag: str | None = None) -> None:
+        if self.env.is_main:
+            path = save_checkpoint(self._state(step), self.run_dir, step, self.config.checkpoint.keep_last, tag=tag)
+            self.log(f"checkpoint: {path}")
+        if self.env.world_size > 1:
+            dist.barrier()
+
+    def _resume_source(self) -> Path | None:
+        choice = self.config.checkpoint.resume
+        if choice == "none":
+            return None
+        if choice == "auto":
+            return latest_checkpoint(self.run_dir)
+        return Path(choice)
+
+    def _restore(self, state: dict[str, Any]) -> int:
+        step = int(state["step"])
+        phase = next(p for p in self.phases if p.name == state["phase"])
+        self._enter_phase(phase, self._new_model(phase))
+        self.model.load_state_dict(state["model"], strict=True)
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        for name, s in state["stats"].items():
+            self.stats[name] = PhaseStats(name, s["steps"], s["images"], s["wall_s"], s["final_loss"], s["skipped"])
+        restore_rng_state(state["rng"])
+        return step
+
+    def _init_from_reference(self, path: str) -> int:
+        """Start from a reference checkpoint: a warmup one (no final layer) becomes Phase 1."""
+        ref = import_reference_checkpoint(path)
+        weights = ref["model"]
+        is_warmup = not any(k.startswith("final_layer.") for k in weights)
+        phase = self.phases[0] if is_warmup else self.phases[-1]
+        if is_warmup and phase.name != WARMUP:
+            raise ConfigError(f"{path} is a warmup (Phase-1) checkpoint, but run.mode is {self.config.run.mode!r}")
+        self._enter_phase(phase, self._new_model(phase))
+        self.model.load_state_dict(weights, strict=True)
+        self.ema.load_state_dict(ref["ema"] if ref["ema"] is not None else weights)
+        step = phase.end if is_warmup else phase.start
+        self.log(f"initialised from reference checkpoint {path} ({'Phase 1' if is_warmup else 'full model'})")
+        return step
+
+    # --------------------------------------------------------------------------------------- the step
+
+    def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        images = self.dataset.images[idx].to(self.device, non_blocking=True)
+        latents = self.dataset.latents[idx].to(self.device, non_blocking=True)
+        labels = self.dataset.labels[idx].to(self.device, non_blocking=True)
+        return images, latents, labels
+
+    def _step(self, step: int, indices: list[int]) -> dict[str, torch.Tensor]:
+        c = self.config
+        images, latents, labels = self._batch(indices)
+        lam = self.lam(step)
+        totals: dict[str, torch.Tensor] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        mb = self.batch.micro_batch
+        for start in range(0, self.batch.local_batch, mb):
+            sl = slice(start, start + mb)
+            with autocast_context(c.train.precision, self.device):
+                feats = None
+                if self.phase.aligns:
+                    with torch.no_grad():
+                        feats = [encoder(images[sl].float()) for encoder in self.encoders]
+                if self.phase.name == WARMUP:
+                    loss = phase1_loss(self.train_model, latents[sl], labels[sl], feats, self.alignment,
+                                       legacy_warmup_loss=c.erw.legacy_warmup_loss)
+                    parts = {"loss": loss, "loss_align": loss}
+                else:
+                    out = diffusion_loss(
+                        self.train_model, latents[sl], labels[sl], self.interpolant,
+                        time_weighting=c.diffusion.time_weighting, encoder_features=feats,
+                        alignment=self.alignment if self.phase.aligns else None, alignment_weight=lam,
+                    )
+                    loss = out.loss
+                    parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
+                    if out.alignment is not None:
+                        parts["loss_align"] = out.alignment
+            self.scaler.scale(loss / self.batch.accumulation).backward()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0) + value.detach() / self.batch.accumulation
+        self.scaler.unscale_(self.optimizer)
+        clip = c.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        # The one host sync of the step: deciding whether to skip a non-finite update.
+        finite = bool(torch.isfinite(totals["loss"]) & torch.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.ema.update()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.stats[self.phase.name].skipped += 1
+            if self.nonfinite_in_a_row >= c.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"step {step}: {self.nonfinite_in_a_row} non-finite steps in a row (loss "
+                    f"{totals['loss'].item()}, grad norm {grad_norm.item()}); aborting as configured by "
+                    f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}. The last good checkpoint is in "
+                    f"{self.run_dir / 'checkpoints'}"
+                )
+        self.scaler.update()
+        totals["grad_norm"] = grad_norm.detach()
+        totals["lambda"] = torch.tensor(lam if self.phase.aligns and self.phase.name != WARMUP else float("nan"))
+        totals["skipped"] = torch.tensor(0.0 if finite else 1.0)
+        return totals
+
+    # --------------------------------------------------------------------------------------- the run
+
+    def _switch_to_full(self, phase: Phase) -> None:
+        assert isinstance(self.model, SiTPhase1)
+        phase1_model = self.model
+        full = self._new_model(phase)
+        report = transfer_phase1_weights(phase1_model, full, include_projectors=self.config.erw.reuse_projector)
+        started = time.perf_counter()
+        self._enter_phase(phase, full)  # fresh optimizer: the Phase-1 optimizer state is dropped
+        self.log(f"ERW transfer at step {phase.start}: {report.summary()} "
+                 f"(engine rebuilt in {time.perf_counter() - started:.2f}s)")
+        self.transfer_report = report
+
+    def run(self) -> dict[str, PhaseStats]:
+        c = self.config
+        torch.manual_seed(c.run.seed + self.env.rank)
+        set_tf32(c.train.tf32)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.env.is_main:
+            dump_config(c, self.run_dir / "config.yaml")
+            self.log("resolved config:\n" + (self.run_dir / "config.yaml").read_text())
+        self.log(
+            f"batch: global {self.batch.global_batch} = {self.env.world_size} device(s) × "
+            f"{self.batch.local_batch} per device = {self.batch.micro_batch} per micro-batch × "
+            f"{self.batch.accumulation} accumulation step(s); device {self.device}"
+        )
+        self._build_data()
+        self._build_encoders()
+
+        source = self._resume_source()
+        if source is not None:
+            step = self._restore(load_checkpoint(source, map_location=self.device))
+            self.log(f"resumed from {source} at step {step} (phase {self.phase.name})")
+        elif c.checkpoint.init_from_reference:
+            step = self._init_from_reference(c.checkpoint.init_from_reference)
+        else:
+            step = 0
+            first = self.phases[0]
+            self._enter_phase(first, self._new_model(first))
+
+        metrics = None
+        if self.env.is_main:
+            metrics = MetricsWriter(
+                self.run_dir / "metrics.jsonl", resume_step=step,
+                tensorboard_dir=self.run_dir / "tb" if c.logging.tensorboard else None,
+                wandb_project=c.logging.wandb_project if c.logging.wandb else None, run_name=c.run.name,
+                config=c.to_dict(),
+            )
+        try:
+            for phase in self.phases:
+                if step >= phase.end:
+                    continue
+                if phase.name == FULL and self.phase.name == WARMUP:
+                    self._switch_to_full(phase)
+                step = self._run_phase(phase, step, metrics)
+                if phase.name == WARMUP:
+                    self._save(step, tag="phase1")
+        finally:
+            if metrics is not None:
+                metrics.close()
+        self._finish(step)
+        return self.stats
+
+    def _run_phase(self, phase: Phase, step: int, metrics: MetricsWriter | None) -> int:
+        c = self.config
+        batches: Iterator[list[int]] = self.sampler.batches(start_step=step)
+        stats = self.stats[phase.name]
+        progress = None
+        if self.env.is_main and c.logging.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=phase.end - phase.start, initial=step - phase.start, desc=phase.name,
+                            unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.model.train()
+        window_start, window_images, data_time = time.perf_counter(), 0, 0.0
+        while step < phase.end:
+            t0 = time.perf_counter()
+            indices = next(batches)
+            data_time += time.perf_counter() - t0
+            totals = self._step(step, indices)
+            step += 1
+            stats.steps += 1
+            stats.images += self.batch.global_batch
+            window_images += self.batch.global_batch
+            if step % c.logging.log_every == 0 or step == phase.end:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - window_start
+                stats.wall_s += elapsed
+                record = {"step": step, "phase": phase.name, **{k: float(v) for k, v in totals.items()},
+                          "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": window_images / elapsed,
+                          "step_time_s": elapsed / max(window_images // self.batch.global_batch, 1),
+                          "data_time_s": data_time / max(window_images // self.batch.global_batch, 1)}
+                stats.final_loss = record["loss"]
+                if metrics is not None:
+                    metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                window_start, window_images, data_time = time.perf_counter(), 0, 0.0
+            if progress is not None:
+                progress.update(1)
+            if step % c.checkpoint.every == 0 and step < phase.end:
+                self._save(step)
+        if progress is not None:
+            progress.close()
+        return step
+
+    def _finish(self, step: int) -> None:
+        c = self.config
+        self._save(step)
+        if self.env.is_main and c.checkpoint.export_reference and isinstance(self.model, SiT):
+            args = {"model": c.model.name, "encoder_depth": c.alignment.encoder_depth,
+                    "enc_type": ",".join(c.encoder.names), "proj_coeff": c.alignment.weight,
+                    "path_type": c.diffusion.path_type,
+                    "weighting": c.diffusion.time_weighting, "resolution": c.encoder.resolution,
+                    "num_classes": c.model.num_classes,
+                    "projector_embed_dims": ",".join(map(str, self._z_dims())),
+                    "qk_norm": c.model.qk_norm, "use_rope": c.model.use_rope}
+            path = export_reference_checkpoint(self.model.state_dict(), self.ema.state_dict(), args, step,
+                                               self.run_dir / "reference")
+            self.log(f"reference-layout export: {path}")
+        if self.env.is_main:
+            self._report()
+
+    def _report(self) -> None:
+        from erw_fast.reporting import phase_summary_table, plot_loss_curves, read_metrics
+
+        rows = [{"phase": s.name, "steps": s.steps, "images": s.images, "wall_s": s.wall_s,
+                 "img_per_s": s.images / s.wall_s if s.wall_s else 0.0, "final_loss": s.final_loss,
+                 "gflops_per_step": None} for s in self.stats.values()]
+        self.log(phase_summary_table(rows))
+        skipped = sum(s.skipped for s in self.stats.values())
+        if skipped:
+            self.log(f"non-finite steps skipped: {skipped}")
+        if self.config.logging.plot:
+            png = plot_loss_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss_curves.png",
+                                   title=f"{self.config.run.name}: {self.config.model.name} ({self.config.run.mode})")
+            self.log(f"loss curves: {png}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train SiT with ERW / REPA / plain diffusion.")
+    parser.add_argument("--config", type=str, default=None, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.total_steps=1000")
+    # Set by the `deepspeed` launcher; the device is taken from the LOCAL_RANK environment variable.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed_config", type=str, default=None, help="DeepSpeed JSON (DeepSpeed engine)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    if args.deepspeed_config:
+        print("config error: the DeepSpeed engine is not available in this version; launch with torchrun "
+              "(DDP) or python", file=sys.stderr)
+        return 2
+    trainer = Trainer(config)
+    trainer.run()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,542 @@
+"""Fused token-level NT-Xent (InfoNCE) with flash-style tiling: the M x M logit matrix is never materialised.
+
+Notation: x = proj rows (queries), y = target rows (keys), M = B*T rows of dim D, q = x/|x|, k = y/|y|
+(F.normalize semantics, eps 1e-12, fp32), s_ij = q_i.k_j / tau. Each query i has a candidate set C(i):
+all M keys ("batch" negatives) or the B keys at its token position ("position" negatives). Then
+
+    loss = mean_i (lse_i - s_ii),                 lse_i = logsumexp_{j in C(i)} s_ij
+    symmetric: 0.5 * (that + mean_j (lse'_j - s_jj)), lse'_j = logsumexp_{i in C(j)} s_ij
+
+Candidate sets are described by a "group" indexing shared by all kernels: group g, member r is row
+g * group_stride + r * elem_stride. Batch negatives are one group of M members (stride 0, 1); position
+negatives are T groups of B members (stride 1, T), so the (B, T, D) layout is used as is, with no permute.
+
+Kernels
+  forward  row_stats (norms, cosines = positive logits; see cosine.py), then `_lse_kernel` per query block:
+           loop over key blocks, each logit tile built by a loop over D in BLOCK_D chunks (no power-of-two
+           D needed), online max / sum in base 2. Only the per-row LSE (fp32) is written. The symmetric
+           loss runs the same kernel again with x and y swapped for the column LSEs.
+  backward with g = upstream grad and c = g / (M tau),
+             dL/dq_i = c (sum_j G_ij k_j - k_i),   dL/dk_j = c (sum_i G_ij q_i - q_j),
+             G_ij = a exp(s_ij - lse_i) + b exp(s_ij - lse'_j),  (a, b) = (1, 0) or (0.5, 0.5).
+           `_grad_kernel` recomputes logit tiles from x, y and the saved LSEs and accumulates sum_j G_ij k_j
+           into an fp32 (M, D) buffer; with x and y swapped (and a, b swapped) the same kernel gives the
+           key side. D is too large (768-1536) to keep a BLOCK_M x D accumulator in registers, so each
+           program read-modify-writes its own rows of that buffer once per key block (no atomics: a
+           program owns its rows). `_normalize_bwd_kernel` then adds the -k_i term and chains through the
+           normalisation. The key-side pass is skipped when target needs no gradient (REPA's frozen
+           encoder features).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _utils
+from ._utils import EPS
+from .cosine import _INTERPRETED as _ROW_KERNELS_INTERPRETED
+from .cosine import row_launch_config, row_stats
+
+LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals (no globals in @jit)
+
+NEGATIVES = ("batch", "position")
+
+# Triton picks interpreter or compiler when a kernel is decorated: at this module's (and cosine's) import.
+_INTERPRETED = _utils.interpreting() and _ROW_KERNELS_INTERPRETED
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST only works around the interpreter's broken bf16 dot (see _utils.dot_settings).
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _raw_logits(
+    X,
+    Y,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """x_i . y_j (fp32) for one BLOCK_M x BLOCK_N tile; masked rows/columns/features contribute 0.
+
+    Raw (unnormalised) operands go into the dot and the inverse norms are applied to the fp32 result,
+    which is more accurate than rounding normalised vectors back to bf16 and saves writing q and k.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_base = rows.to(tl.int64)[:, None] * D
+    y_base = cols.to(tl.int64)[None, :] * D
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x = tl.load(X + x_base + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        y_t = tl.load(Y + y_base + offs_d[:, None], mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _mma(x, y_t, acc, INPUT_PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _lse_kernel(
+    X,
+    Y,
+    NORM_X,
+    NORM_Y,
+    LSE,
+    group_size,
+    group_stride,
+    elem_stride,
+    D,
+    scale_log2,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """LSE_i = logsumexp_{j in group} q_i.k_j / tau for one block of query rows of one group."""
+    group = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < group_size
+    rows = group * group_stride + offs_m * elem_stride
+    # log2(e)/tau folded into the row scale: the online softmax runs on exp2, the cheap hardware op.
+    row_scale = scale_log2 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, group_size, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_mask = offs_n < group_size
+        cols = group * group_stride + offs_n * elem_stride
+        col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
+        s = _raw_logits(
+            X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST
+        )
+        s = s * row_scale[:, None] * col_scale[None, :]
+        # Every key block holds at least one valid column, so m_new is finite and no inf - inf occurs.
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(LSE + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_mask)
+
+
+@triton.jit
+def _grad_kernel(
+    X,
+    Y,
+    NORM_X,
+    NORM_Y,
+    LSE_X,
+    LSE_Y,
+    ACC,
+    group_size,
+    group_stride,
+    elem_stride,
+    D,
+    scale_log2,
+    w_x,
+    w_y,
+    HAS_LSE_X: tl.constexpr,
+    HAS_LSE_Y: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """ACC_i = sum_{j in group} (w_x exp(s_ij - LSE_X_i) + w_y exp(s_ij - LSE_Y_j)) k_j, fp32."""
+    group = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < group_size
+    rows = group * group_stride + offs_m * elem_stride
+    row_scale = scale_log2 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    if HAS_LSE_X:
+        lse_x = tl.load(LSE_X + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    else:
+        lse_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_base = rows.to(tl.int64)[:, None] * D
+    for n0 in range(0, group_size, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_mask = offs_n < group_size
+        cols = group * group_stride + offs_n * elem_stride
+        col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
+        s = _raw_logits(
+            X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST
+        )
+        s = s * row_scale[:, None] * col_scale[None, :]
+        p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LSE_X:
+            p += w_x * tl.exp2(s - lse_x[:, None])
+        if HAS_LSE_Y:
+            lse_y = tl.load(LSE_Y + cols, mask=col_mask, other=0.0) * 1.4426950408889634
+            p += w_y * tl.exp2(s - lse_y[None, :])
+        # Probabilities (<= 1) go into the second dot in the input dtype, as in flash attention.
+        p = tl.where(col_mask[None, :], p, 0.0).to(Y.dtype.element_ty)
+        y_base = cols.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            y = tl.load(Y + y_base + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            # Normalise the key chunk before the dot (not fold 1/|y| into p): 1/|y| can overflow fp16.
+            k = (y.to(tl.float32) * col_scale[:, None]).to(Y.dtype.element_ty)
+            ptrs = ACC + acc_base + offs_d[None, :]
+            out_mask = row_mask[:, None] & d_mask[None, :]
+            # The first key block initialises the rows (the buffer starts uninitialised), later ones add.
+            prev = tl.load(ptrs, mask=out_mask & (n0 > 0), other=0.0)
+            tl.store(ptrs, _mma(p, k, prev, INPUT_PRECISION, UPCAST), mask=out_mask)
+
+
+@triton.jit
+def _normalize_bwd_kernel(
+    X,
+    NORM_X,
+    ACC,
+    Y,
+    NORM_Y,
+    GRAD,
+    DX,
+    n_rows,
+    D,
+    scale,
+    EPS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dL/dx for dL/dq = c (ACC - k), c = GRAD * scale, through q = x / max(|x|, eps), k = y / max(|y|, eps).
+
+    dL/dx = (dq - q (q.dq)) / |x|, or dq / eps where the norm is clamped (the clamp has no gradient).
+    Two passes over D: the first for q.dq, the second to write.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    base = rows.to(tl.int64)[:, None] * D
+    nx = tl.load(NORM_X + rows, mask=row_mask, other=1.0)
+    rx = 1.0 / tl.maximum(nx, EPS)
+    ry = 1.0 / tl.maximum(tl.load(NORM_Y + rows, mask=row_mask, other=1.0), EPS)
+    c = tl.load(GRAD).to(tl.float32) * scale
+    x_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    x_y = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols[None, :] < D)
+        x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(ACC + base + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(Y + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_acc += tl.sum(x * a, axis=1)
+        x_y += tl.sum(x * y, axis=1)
+    q_dq = c * rx * (x_acc - ry * x_y)
+    q_dq = tl.where(nx >= EPS, q_dq, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols[None, :] < D)
+        x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(ACC + base + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(Y + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dq = c * (a - y * ry[:, None])
+        dx = (dq - x * (rx * q_dq)[:, None]) * rx[:, None]
+        tl.store(DX + base + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _groups(b: int, t: int, position: bool) -> tuple[int, int, int, int]:
+    """(group_size, n_groups, group_stride, elem_stride) of the candidate sets for (B, T, D) rows."""
+    if position:
+        return b, t, 1, t
+    return b * t, 1, 0, 1
+
+
+def _tile_config(group_size: int, d: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes for the logit kernels (untuned starting points; tl.dot needs every dim >= 16).
+
+    Small groups (position negatives with a small batch) get smaller tiles so little work is masked.
+    """
+    block_mn = min(64, max(16, triton.next_power_of_2(group_size)))
+    if _utils.interpreting():
+        # Fewer, larger chunks: each interpreted op costs Python overhead, not FLOPs.
+        block_d = min(256, max(16, triton.next_power_of_2(d)))
+        return dict(BLOCK_M=block_mn, BLOCK_N=block_mn, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    block_d = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=block_mn, BLOCK_N=block_mn, BLOCK_D=block_d, num_warps=4, num_stages=3)
+
+
+def _launch_lse(
+    x: Tensor,
+    y: Tensor,
+    norm_x: Tensor,
+    norm_y: Tensor,
+    groups: tuple[int, int, int, int],
+    temperature: float,
+    input_precision: str,
+) -> Tensor:
+    group_size, n_groups, group_stride, elem_stride = groups
+    d = x.shape[1]
+    lse = _utils.empty((x.shape[0],), torch.float32, x.device)
+    cfg = _tile_config(group_size, d, x.dtype)
+    precision, upcast = _utils.dot_settings(x.dtype, input_precision)
+    grid = (triton.cdiv(group_size, cfg["BLOCK_M"]), n_groups)
+    _lse_kernel[grid](
+        x,
+        y,
+        norm_x,
+        norm_y,
+        lse,
+        group_size,
+        group_stride,
+        elem_stride,
+        d,
+        LOG2E / temperature,
+        EPS=EPS,
+        INPUT_PRECISION=precision,
+        UPCAST=upcast,
+        **cfg,
+    )
+    return lse
+
+
+def _launch_grad(
+    x: Tensor,
+    y: Tensor,
+    norm_x: Tensor,
+    norm_y: Tensor,
+    lse_x: Tensor | None,
+    w_x: float,
+    lse_y: Tensor | None,
+    w_y: float,
+    groups: tuple[int, int, int, int],
+    temperature: float,
+    input_precision: str,
+    out: Tensor,
+) -> Tensor:
+    """Fill `out` (fp32, like x) with sum_j G_ij k_j; a missing LSE drops its term."""
+    group_size, n_groups, group_stride, elem_stride = groups
+    d = x.shape[1]
+    cfg = _tile_config(group_size, d, x.dtype)
+    precision, upcast = _utils.dot_settings(x.dtype, input_precision)
+    grid = (triton.cdiv(group_size, cfg["BLOCK_M"]), n_groups)
+    _grad_kernel[grid](
+        x,
+        y,
+        norm_x,
+        norm_y,
+        norm_x if lse_x is None else lse_x,
+        norm_y if lse_y is None else lse_y,  # dummies when absent
+        out,
+        group_size,
+        group_stride,
+        elem_stride,
+        d,
+        LOG2E / temperature,
+        w_x,
+        w_y,
+        HAS_LSE_X=lse_x is not None,
+        HAS_LSE_Y=lse_y is not None,
+        EPS=EPS,
+        INPUT_PRECISION=precision,
+        UPCAST=upcast,
+        **cfg,
+    )
+    return out
+
+
+def _launch_normalize_bwd(
+    x: Tensor, norm_x: Tensor, acc: Tensor, y: Tensor, norm_y: Tensor, grad: Tensor, scale: float
+) -> Tensor:
+    n, d = x.shape
+    dx = _utils.empty((n, d), x.dtype, x.device)
+    block_r, block_d, warps = row_launch_config(n, d)
+    _normalize_bwd_kernel[(triton.cdiv(n, block_r),)](
+        x,
+        norm_x,
+        acc,
+        y,
+        norm_y,
+        grad,
+        dx,
+        n,
+        d,
+        scale,
+        EPS=EPS,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
+    return dx
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("erw_fast::nt_xent_fwd", mutates_args=())
+def nt_xent_fwd(
+    proj: Tensor, target: Tensor, temperature: float, position: bool, symmetric: bool, input_precision: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse_row, lse_col, ||proj||, ||target||); lse_col is empty unless symmetric.
+
+    proj and target: (B, T, D), one kernel dtype (fp32/fp16/bf16). Everything returned is fp32.
+    """
+    if proj.dtype != target.dtype:
+        raise ValueError(f"nt_xent_fwd needs one dtype, got {proj.dtype} and {target.dtype}")
+    b, t, d = proj.shape
+    x = proj.contiguous().view(b * t, d)
+    y = target.contiguous().view(b * t, d)
+    groups = _groups(b, t, position)
+    norm_p, norm_t, cos = row_stats(x, y)
+    positive = cos / temperature
+    lse_row = _launch_lse(x, y, norm_p, norm_t, groups, temperature, input_precision)
+    loss = (lse_row - positive).mean()
+    if symmetric:
+        lse_col = _launch_lse(y, x, norm_t, norm_p, groups, temperature, input_precision)
+        loss = 0.5 * (loss + (lse_col - positive).mean())
+    else:
+        lse_col = _utils.empty((0,), torch.float32, x.device)
+    return loss, lse_row, lse_col, norm_p, norm_t
+
+
+@nt_xent_fwd.register_fake
+def _(proj, target, temperature, position, symmetric, input_precision):
+    m = proj.shape[0] * proj.shape[1]
+    rows = proj.new_empty((m,), dtype=torch.float32)
+    lse_col = proj.new_empty((m if symmetric else 0,), dtype=torch.float32)
+    return (
+        proj.new_empty((), dtype=torch.float32),
+        rows,
+        lse_col,
+        torch.empty_like(rows),
+        torch.empty_like(rows),
+    )
+
+
+@torch.library.custom_op("erw_fast::nt_xent_bwd", mutates_args=())
+def nt_xent_bwd(
+    grad: Tensor,
+    proj: Tensor,
+    target: Tensor,
+    lse_row: Tensor,
+    lse_col: Tensor,
+    norm_p: Tensor,
+    norm_t: Tensor,
+    temperature: float,
+    position: bool,
+    symmetric: bool,
+    input_precision: str,
+    need_proj: bool,
+    need_target: bool,
+) -> tuple[Tensor, Tensor]:
+    """(d loss/d proj, d loss/d target) times grad; an unneeded gradient comes back as an empty tensor."""
+    b, t, d = proj.shape
+    m = b * t
+    x = proj.contiguous().view(m, d)
+    y = target.contiguous().view(m, d)
+    groups = _groups(b, t, position)
+    grad = grad.to(torch.float32)
+    scale = 1.0 / (m * temperature)
+    w_own = 0.5 if symmetric else 1.0  # weight of the query-side softmax in G
+    lse_other = lse_col if symmetric else None
+    acc = _utils.empty((m, d), torch.float32, x.device) if (need_proj or need_target) else None
+    grad_p = _utils.empty((0,), proj.dtype, x.device)  # two tensors: custom-op outputs may not alias
+    grad_t = _utils.empty((0,), proj.dtype, x.device)
+    if need_proj:
+        _launch_grad(
+            x, y, norm_p, norm_t, lse_row, w_own, lse_other, 0.5, groups, temperature, input_precision, acc
+        )
+        grad_p = _launch_normalize_bwd(x, norm_p, acc, y, norm_t, grad, scale).view(b, t, d)
+    if need_target:
+        # Keys as rows: their own softmax is the column one (weight 0.5 or absent), the row one is "other".
+        _launch_grad(
+            y, x, norm_t, norm_p, lse_other, 0.5, lse_row, w_own, groups, temperature, input_precision, acc
+        )
+        grad_t = _launch_normalize_bwd(y, norm_t, acc, x, norm_p, grad, scale).view(b, t, d)
+    return grad_p, grad_t
+
+
+@nt_xent_bwd.register_fake
+def _(
+    grad,
+    proj,
+    target,
+    lse_row,
+    lse_col,
+    norm_p,
+    norm_t,
+    temperature,
+    position,
+    symmetric,
+    input_precision,
+    need_proj,
+    need_target,
+):
+    grad_p = torch.empty_like(proj) if need_proj else proj.new_empty((0,))
+    grad_t = torch.empty_like(target) if need_target else target.new_empty((0,))
+    return grad_p, grad_t
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    proj, target, temperature, position, symmetric, input_precision = inputs
+    _, lse_row, lse_col, norm_p, norm_t = output
+    ctx.save_for_backward(proj, target, lse_row, lse_col, norm_p, norm_t)
+    ctx.settings = (temperature, position, symmetric, input_precision)
+
+
+def _backward(ctx, grad_loss, *_unused_grads):
+    # Only the loss is differentiable; LSEs and norms are saved statistics.
+    need_proj, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_p, grad_t = nt_xent_bwd(grad_loss, *ctx.saved_tensors, *ctx.settings, need_proj, need_target)
+    return (grad_p if need_proj else None, grad_t if need_target else None, None, None, None, None)
+
+
+nt_xent_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def nt_xent_triton(
+    proj: Tensor,
+    target: Tensor,
+    temperature: float = 0.1,
+    negatives: str = "batch",
+    symmetric: bool = False,
+    *,
+    input_precision: str | None = None,
+) -> Tensor:
+    """Token-level NT-Xent between (B, T, D) proj (queries) and target (keys); fp32 scalar.
+
+    negatives: "batch" (every one of the B*T keys is a candidate) or "position" (the B keys at the
+    query's token position). symmetric averages with the keys-as-queries loss. input_precision sets the
+    tl.dot precision for fp32 inputs ("ieee", "tf32", "tf32x3"); None follows
+    torch.get_float32_matmul_precision() ("highest" -> "ieee", else "tf32"). Mixed or non-kernel
+    dtypes (e.g. fp64) are cast to a common kernel dtype first.
+    """
+    _utils.check_pair(proj, target)
+    _utils.check_runnable(proj.device, _INTERPRETED)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    precision = _utils.resolve_input_precision(input_precision)
+    dtype = _utils.kernel_dtype(proj.dtype, target.dtype)
+    proj = proj.to(dtype).contiguous()
+    target = target.to(dtype).contiguous()
+    out = nt_xent_fwd(proj, target, float(temperature), negatives == "position", bool(symmetric), precision)
+    return out[0]

@@ -1,0 +1,78 @@
+"""Smoke test of benchmarks/bench_alignment.py: its CPU path, and its timing/reporting code on tiny shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from erw_fast.kernels import triton_available
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_alignment.py"
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_alignment", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, main() runs the full GPU benchmark")
+def test_cpu_main_runs_preamble_and_exits_zero(bench, tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU timing was done" in out and "FAIL" not in out
+    assert not any(tmp_path.iterdir())  # the CPU path writes no results
+
+
+def test_preamble_cases_pass(bench):
+    checks = bench.run_correctness_preamble(verbose=False)
+    assert len(checks) == 10 and all(c["ok"] for c in checks), checks
+
+
+def test_timing_and_report_on_tiny_shapes(bench, tmp_path):
+    # The GPU code path minus CUDA events/memory stats: tiny shapes, perf_counter timing, eager "compile".
+    records = bench.run_benchmarks(
+        torch.device("cpu"),
+        nt_xent_shapes=[(24, 16)],
+        cosine_shapes=[(2, 8, 16)],
+        dtype=torch.float32,
+        reps=2,
+        warmup=1,
+        compile_backend="eager",
+        tokens=8,
+        verbose=False,
+    )
+    assert [r["status"] for r in records] == ["ok"] * 6, [r["status"] for r in records]
+    assert all(len(r["times_ms"][phase]) == 2 for r in records for phase in bench.PHASES)
+    # A fake OOM record must render as "OOM" everywhere.
+    records.append(
+        dict(
+            kernel="nt_xent",
+            impl="naive",
+            M=65536,
+            D=1024,
+            shape=[256, 256, 1024],
+            dtype="torch.bfloat16",
+            status="OOM",
+            times_ms=None,
+            peak_extra_mib=None,
+        )
+    )
+    settings = dict(reps=2, warmup=1)
+    written = bench.write_report(records, bench.environment(torch.device("cpu")), settings, tmp_path)
+    payload = json.loads((tmp_path / "alignment.json").read_text())
+    assert payload["results"][-1]["status"] == "OOM" and "fwd_bwd" in payload["flop_formulas"]
+    assert {"device", "torch", "triton", "python"} <= payload["environment"].keys()
+    table = (tmp_path / "alignment.md").read_text()
+    assert "| nt_xent | (3, 8, 16) | triton |" in table and "| OOM |" in table
+    assert all(path.exists() for path in written)

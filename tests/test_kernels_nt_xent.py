@@ -1,0 +1,255 @@
+"""Fused NT-Xent Triton kernel vs a float64 brute-force reference (materialised logits + logsumexp).
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes stay small; the large
+feature dims (768-1536) use only a handful of tokens. Every buffer the op allocates starts as NaN.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _kernel_helpers import REL_TOL, assert_close, poison_allocations
+from erw_fast.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
+
+if triton_available():
+    from erw_fast.kernels import _utils
+    from erw_fast.kernels import nt_xent as nt_xent_module
+    from erw_fast.kernels.nt_xent import nt_xent_bwd, nt_xent_fwd, nt_xent_triton
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    poison_allocations(monkeypatch)
+
+
+def reference_nt_xent(proj, target, temperature, negatives, symmetric):
+    """Independent float64 NT-Xent: build every logit, take logsumexp over the candidate axis."""
+    b, t, d = proj.shape
+    q = F.normalize(proj.double(), dim=-1, eps=1e-12)
+    k = F.normalize(target.double(), dim=-1, eps=1e-12)
+    if negatives == "position":  # one (B x B) logit matrix per token position
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    else:  # a single (BT x BT) matrix
+        q, k = q.reshape(1, b * t, d), k.reshape(1, b * t, d)
+    logits = q @ k.transpose(-1, -2) / temperature
+    positive = torch.diagonal(logits, dim1=-2, dim2=-1)
+    loss = (torch.logsumexp(logits, dim=-1) - positive).mean()
+    if symmetric:
+        loss = 0.5 * (loss + (torch.logsumexp(logits, dim=-2) - positive).mean())
+    return loss
+
+
+def make_inputs(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+    target = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+    return proj, target
+
+
+def check_against_reference(shape, dtype, temperature, negatives, symmetric, seed=0, atol=1e-12):
+    proj, target = make_inputs(shape, dtype, seed)
+    loss = nt_xent_triton(proj, target, temperature, negatives, symmetric, input_precision="ieee")
+    loss.backward()
+
+    # The reference sees exactly the (possibly 16-bit-rounded) values the kernel saw, in float64.
+    proj64 = proj.detach().double().requires_grad_()
+    target64 = target.detach().double().requires_grad_()
+    ref = reference_nt_xent(proj64, target64, temperature, negatives, symmetric)
+    ref.backward()
+
+    rel = REL_TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert proj.grad.dtype == dtype and target.grad.dtype == dtype
+    assert_close(loss, ref, rel, "loss", atol)
+    assert_close(proj.grad, proj64.grad, rel, "d proj", atol)
+    assert_close(target.grad, target64.grad, rel, "d target", atol)
+
+
+# M = 70 rows: two 64-row tiles, the second mostly masked; D = 48: one 64-wide feature chunk, masked.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onesided", "symmetric"])
+def test_matches_reference(dtype, negatives, symmetric):
+    check_against_reference((5, 14, 48), dtype, 0.1, negatives, symmetric)
+
+
+@pytest.mark.parametrize("d", [768, 1024, 1280, 1536])
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+def test_encoder_feature_dims(d, negatives):
+    check_against_reference((3, 6, d), torch.float32, 0.1, negatives, True, seed=d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_encoder_feature_dim_16bit(dtype):
+    check_against_reference((3, 6, 1280), dtype, 0.1, "batch", True)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 10.0])
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+def test_temperature_extremes(temperature, negatives):
+    check_against_reference((4, 9, 32), torch.float32, temperature, negatives, True)
+
+
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onesided", "symmetric"])
+def test_single_token(negatives, symmetric):
+    # M = 1: the only candidate is the positive, so the loss and both gradients are 0 (up to fp32 rounding
+    # of lse - s with s = 1/tau = 10, hence an absolute tolerance).
+    check_against_reference((1, 1, 32), torch.float32, 0.1, negatives, symmetric, atol=1e-5)
+
+
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onesided", "symmetric"])
+def test_many_small_tiles(monkeypatch, negatives, symmetric):
+    # 16-wide tiles: several query and key blocks per group (the backward's read-modify-write over key
+    # blocks), ragged last blocks in every dimension (74 rows, 37 per position group, D = 40 = 16+16+8).
+    def small_tiles(group_size, d, dtype):
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=1)
+
+    monkeypatch.setattr(nt_xent_module, "_tile_config", small_tiles)
+    check_against_reference((37, 2, 40), torch.float32, 0.1, negatives, symmetric)
+
+
+def test_zero_vector_rows_follow_f_normalize():
+    # A zero token has norm 0 < eps: F.normalize divides by eps and passes no gradient through the norm.
+    proj, target = make_inputs((2, 5, 24), torch.float32)
+    with torch.no_grad():
+        proj[0, 1] = 0.0
+        target[1, 3] = 0.0
+    loss = nt_xent_triton(proj, target, 0.5, "batch", True, input_precision="ieee")
+    loss.backward()
+    proj64 = proj.detach().double().requires_grad_()
+    target64 = target.detach().double().requires_grad_()
+    reference_nt_xent(proj64, target64, 0.5, "batch", True).backward()
+    assert_close(proj.grad, proj64.grad, 1e-5, "d proj")
+    assert_close(target.grad, target64.grad, 1e-5, "d target")
+
+
+@pytest.mark.parametrize("frozen", ["target", "proj"])
+def test_gradient_for_one_input_only(frozen):
+    # REPA's target is frozen encoder output: the key-side backward pass is skipped, the other must hold.
+    proj, target = make_inputs((3, 7, 32), torch.float32)
+    (target if frozen == "target" else proj).requires_grad_(False)
+    nt_xent_triton(proj, target, 0.2, "batch", True, input_precision="ieee").backward()
+    proj64 = proj.detach().double().requires_grad_()
+    target64 = target.detach().double().requires_grad_()
+    reference_nt_xent(proj64, target64, 0.2, "batch", True).backward()
+    if frozen == "target":
+        assert target.grad is None
+        assert_close(proj.grad, proj64.grad, 1e-5, "d proj")
+    else:
+        assert proj.grad is None
+        assert_close(target.grad, target64.grad, 1e-5, "d target")
+
+
+def test_mixed_and_fp64_inputs_get_grads_in_their_dtype():
+    proj = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    nt_xent_triton(proj, target, input_precision="ieee").backward()  # runs in fp32
+    assert proj.grad.dtype == torch.float64 and target.grad.dtype == torch.bfloat16
+    proj64 = proj.detach().double().requires_grad_()
+    reference_nt_xent(proj64, target.detach().double(), 0.1, "batch", False).backward()
+    assert_close(proj.grad, proj64.grad, 1e-5, "d proj")
+
+
+@pytest.mark.parametrize("position", [False, True])
+def test_internal_ops_write_every_element(position):
+    # With poisoned allocation, every statistic and gradient the raw ops return must be finite.
+    proj, target = make_inputs((3, 11, 40), torch.float32)
+    proj, target = proj.detach(), target.detach()
+    loss, lse_row, lse_col, norm_p, norm_t = nt_xent_fwd(proj, target, 0.1, position, True, "ieee")
+    assert torch.isnan(_utils.empty((2,), torch.float32, proj.device)).all()  # the poison is active
+    for name, out in dict(loss=loss, lse_row=lse_row, lse_col=lse_col, norm_p=norm_p, norm_t=norm_t).items():
+        assert torch.isfinite(out).all(), name
+    assert lse_row.shape == lse_col.shape == (33,)
+    grads = nt_xent_bwd(
+        torch.tensor(1.0),
+        proj,
+        target,
+        lse_row,
+        lse_col,
+        norm_p,
+        norm_t,
+        0.1,
+        position,
+        True,
+        "ieee",
+        True,
+        True,
+    )
+    for grad in grads:
+        assert grad.shape == proj.shape and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+        (dict(temperature=-1.0), "got -1.0"),
+        (dict(temperature=float("nan")), "got nan"),
+        (dict(negatives="global"), "'global'"),
+        (dict(input_precision="tf16"), "'tf16'"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, match):
+    proj, target = make_inputs((2, 3, 8), torch.float32)
+    with pytest.raises(ValueError, match=match):
+        nt_xent_triton(proj, target, **kwargs)
+
+
+@pytest.mark.parametrize(("proj_shape", "target_shape"), [((2, 3, 8), (2, 3, 9)), ((6, 8), (6, 8))])
+def test_rejects_bad_shapes(proj_shape, target_shape):
+    with pytest.raises(ValueError, match=r"proj \(.*\) and target \(.*\)"):
+        nt_xent_triton(torch.randn(proj_shape), torch.randn(target_shape))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter error")
+def test_cpu_tensors_without_interpreter_fail_clearly():
+    code = (
+        "import torch\n"
+        "from erw_fast.kernels.nt_xent import nt_xent_triton\n"
+        "try:\n"
+        "    nt_xent_triton(torch.randn(1, 2, 8), torch.randn(1, 2, 8))\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "set TRITON_INTERPRET=1 before" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("position", [False, True])
+def test_opcheck(position):
+    proj, target = make_inputs((2, 5, 32), torch.float32)
+    torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, True, "ieee"))
+    torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, False, "ieee"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    # fullgraph=True fails on any graph break; the custom ops are opaque nodes with fake implementations.
+    torch._dynamo.reset()
+    proj, target = make_inputs((2, 5, 32), torch.float32)
+
+    def objective(p, t):
+        return nt_xent_triton(p, t, 0.1, "position", True) + 0.5 * nt_xent_triton(p, t, 0.2, "batch")
+
+    compiled = torch.compile(objective, fullgraph=True, backend=backend)
+    loss = compiled(proj, target)
+    loss.backward()
+    grads = proj.grad.clone(), target.grad.clone()
+    proj.grad = target.grad = None
+    eager = objective(proj, target)
+    eager.backward()
+    assert_close(loss, eager, 1e-6, "loss")
+    assert_close(grads[0], proj.grad, 1e-6, "d proj")
+    assert_close(grads[1], target.grad, 1e-6, "d target")

@@ -1,0 +1,193 @@
+"""End-to-end trainer behaviour on tiny CPU runs: ERW phase switch, exact resume, checkpoint safety,
+configuration errors, the non-finite guard and reference-layout export."""
+
+import json
+
+import pytest
+import torch
+
+import erw_fast.checkpoint as checkpoint_module
+from erw_fast.checkpoint import latest_checkpoint, load_checkpoint
+from erw_fast.config import ConfigError, load_config
+from erw_fast.models import SiT
+from erw_fast.objectives import ERWLambdaSchedule
+from erw_fast.trainer import NonFiniteLossError, Trainer, main
+
+TINY = [
+    "run.device=cpu", "model.name=SiT-S/2", "model.input_size=8", "model.num_classes=4", "model.depth=4",
+    "model.hidden_size=32", "model.num_heads=2", "model.projector_dim=32", "encoder.names=[demo-vit-t]",
+    "encoder.pretrained=false", "alignment.encoder_depth=3", "alignment.backend=torch", "erw.warmup_steps=6",
+    "erw.warmup_depth=2", "erw.c0=2.0", "erw.half_life=4", "train.total_steps=14", "train.global_batch_size=8",
+    "train.precision=fp32", "data.num_samples=64", "data.image_size=64", "encoder.resolution=64", "logging.log_every=1",
+    "logging.progress=false", "logging.plot=false", "checkpoint.every=4", "checkpoint.keep_last=10",
+    "optim.lr=1e-3", "optim.ema_decay=0.9",
+]
+
+
+def tiny_config(tmp_path, name="run", *extra):
+    return load_config(None, [*TINY, f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
+
+
+def run(config, capsys=None):
+    stats = Trainer(config).run()
+    return stats
+
+
+def read(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_erw_run_switches_phase_and_reports_transfer(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    stats = run(config)
+    out = capsys.readouterr().out
+    assert "ERW transfer at step 6: copied" in out and "blocks 0..1" in out and "blocks 2..3" in out
+    records = read(config.run_dir)
+    assert [r["step"] for r in records] == list(range(1, 15))
+    assert {r["phase"] for r in records if r["step"] <= 6} == {"warmup"}
+    assert {r["phase"] for r in records if r["step"] > 6} == {"full"}
+    assert all("loss_diffusion" not in r for r in records[:6])  # Phase 1: alignment only
+    schedule = ERWLambdaSchedule(2.0, 6, 14, 4)
+    for r in records[6:]:  # λ of the step that produced the record (step counter before increment)
+        assert r["lambda"] == pytest.approx(schedule(r["step"] - 1))
+        assert r["loss"] == pytest.approx(r["loss_diffusion"] + r["lambda"] * r["loss_align"], rel=1e-5)
+    names = sorted(p.name for p in (config.run_dir / "checkpoints").iterdir())
+    assert "phase1_0000006.pt" in names and "step_0000014.pt" in names
+    phase1 = load_checkpoint(config.run_dir / "checkpoints" / "phase1_0000006.pt")
+    assert phase1["phase"] == "warmup" and not any(k.startswith("final_layer") for k in phase1["model"])
+    assert (config.run_dir / "config.yaml").is_file()
+    assert stats["warmup"].steps == 6 and stats["full"].steps == 8
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(monkeypatch, steps):
+    original = Trainer._step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        if calls["n"] == steps:
+            raise Killed()
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+
+
+@pytest.mark.parametrize("kill_at", [5, 11])  # mid-warmup (last checkpoint at 4), mid-Phase-2 (at 8)
+def test_kill_and_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_at):
+    reference = tiny_config(tmp_path, "uninterrupted")
+    run(reference)
+    expected = read(reference.run_dir)
+
+    interrupted = tiny_config(tmp_path, "interrupted")
+    with monkeypatch.context() as patch:
+        kill_after(patch, kill_at)
+        with pytest.raises(Killed):
+            run(interrupted)
+    resumed_from = load_checkpoint(latest_checkpoint(interrupted.run_dir))["step"]
+    assert resumed_from == (kill_at // 4) * 4
+    run(tiny_config(tmp_path, "interrupted"))
+    got = read(interrupted.run_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected, strict=True):  # bitwise on CPU, same world size
+        for key in ("loss", "loss_align", "loss_diffusion", "grad_norm", "lambda"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    final_a = load_checkpoint(latest_checkpoint(interrupted.run_dir))
+    final_b = load_checkpoint(latest_checkpoint(reference.run_dir))
+    for key in final_b["ema"]:
+        assert torch.equal(final_a["ema"][key], final_b["ema"][key]), key
+
+
+def test_crash_during_checkpoint_save_keeps_previous(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def flaky_save(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the save at step 6 (phase1) dies half-way
+            f.write(b"partial")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(config)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    last = latest_checkpoint(config.run_dir)
+    assert last.name == "step_0000004.pt" and load_checkpoint(last)["step"] == 4
+    run(tiny_config(tmp_path))  # resumes from step 4 and finishes
+    assert load_checkpoint(latest_checkpoint(config.run_dir))["step"] == 14
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.totl_steps=5", "unknown config key 'train.totl_steps' — did you mean 'train.total_steps'"),
+        ("train.total_steps=five", "train.total_steps: expected an integer, got str 'five'"),
+        ("erw.warmup_steps=14", r"erw.warmup_steps \(14\) must be > 0 and < train.total_steps \(14\)"),
+        ("alignment.encoder_depth=9", r"alignment.encoder_depth \(9\) is beyond the model"),
+        ("erw.warmup_depth=5", r"erw.warmup_depth \(5\) must be in \[1, model depth 4\]"),
+        ("optim.betas=[0.9]", "optim.betas needs two values"),
+    ],
+)
+def test_bad_configs_are_clear_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, "bad", override)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    assert main([*TINY, f"run.output_dir={tmp_path}", "train.warmup=3"]) == 2
+    assert "config error: unknown config key 'train.warmup'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_nonfinite_guard_skips_then_aborts(tmp_path, monkeypatch):
+    import erw_fast.trainer as trainer_module
+
+    real = trainer_module.diffusion_loss
+    poisoned_steps = {8}
+
+    def maybe_nan(model, latents, *args, **kwargs):
+        out = real(model, latents, *args, **kwargs)
+        if trainer_module_step["now"] in poisoned_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer_module_step = {"now": -1}
+    original_step = Trainer._step
+
+    def step(self, step, indices):
+        trainer_module_step["now"] = step
+        if step == 8:
+            before = {k: v.clone() for k, v in self.model.state_dict().items()}
+            totals = original_step(self, step, indices)
+            after = self.model.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step changed weights"
+            return totals
+        return original_step(self, step, indices)
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", maybe_nan)
+    monkeypatch.setattr(Trainer, "_step", step)
+    stats = run(tiny_config(tmp_path, "skip"))
+    assert stats["full"].skipped == 1
+    records = read(tmp_path / "skip")
+    assert [r["skipped"] for r in records if r["step"] == 9] == [1.0]
+
+    poisoned_steps.update(range(9, 100))
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        run(tiny_config(tmp_path, "abort", "train.max_nonfinite_steps=3", "checkpoint.resume=none"))
+
+
+def test_exported_reference_checkpoint_loads_strict(tmp_path):
+    config = tiny_config(tmp_path)
+    run(config)
+    exported = torch.load(config.run_dir / "reference" / "0000014.pt", weights_only=True)
+    assert set(exported) == {"model", "ema", "args", "steps"} and exported["steps"] == 14
+    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=2, num_classes=4,
+                z_dims=[exported["model"]["projectors.0.4.weight"].shape[0]], projector_dim=32, encoder_depth=3)
+    model.load_state_dict(exported["model"], strict=True)
+    model.load_state_dict(exported["ema"], strict=True)
