@@ -108,8 +108,8 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["demo"] = "demo"
-    path: str | None = None
+    kind: Literal["demo", "webdataset"] = "demo"
+    path: str | None = None  # webdataset shards (ImageNet 256 px latents + images)
     num_samples: int = 2048  # demo dataset size
     image_size: int = 64  # demo image side (the encoder's input)
     num_workers: int = 0

@@ -153,7 +153,10 @@ class Trainer:
 
         c = self.config
         if c.data.kind != "demo":
-            raise ConfigError(f"data.kind {c.data.kind!r} is not supported yet")
+            raise ConfigError(
+                f"data.kind {c.data.kind!r}: the sharded latent loader is not part of this version yet; "
+                "only data.kind=demo runs"
+            )
         patch_side = c.model.input_size
         self.dataset = DemoShapesDataset(
             num_samples=c.data.num_samples, num_classes=c.model.num_classes, image_size=c.data.image_size,

@@ -191,3 +191,16 @@ def test_exported_reference_checkpoint_loads_strict(tmp_path):
                 z_dims=[exported["model"]["projectors.0.4.weight"].shape[0]], projector_dim=32, encoder_depth=3)
     model.load_state_dict(exported["model"], strict=True)
     model.load_state_dict(exported["ema"], strict=True)
+
+
+@pytest.mark.parametrize("name", ["demo", "erw_sit_xl2", "erw_sit_b2", "repa_sit_xl2", "sit_xl2"])
+def test_presets_load_and_validate(name):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    if name == "erw_sit_xl2":  # the paper's run, as the issue states it
+        assert (config.erw.warmup_steps, config.erw.warmup_depth, config.alignment.encoder_depth) == (100_000, 4, 14)
+        assert (config.erw.c0, config.erw.half_life, config.train.total_steps) == (6.0, 50_000, 300_000)
+        assert (config.optim.lr, config.optim.betas, config.optim.eps, config.optim.ema_decay) == (
+            1e-4, [0.9, 0.999], 1e-8, 0.9999)
+        assert config.train.global_batch_size == 256 and config.encoder.names == ["dinov2-vit-b"]
