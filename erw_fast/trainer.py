@@ -497,7 +497,7 @@ class Trainer:
 
         rows = [{"phase": s.name, "steps": s.steps, "images": s.images, "wall_s": s.wall_s,
                  "img_per_s": s.images / s.wall_s if s.wall_s else 0.0, "final_loss": s.final_loss,
-                 "gflops_per_step": None} for s in self.stats.values()]
+                 "gflops_per_step": None} for s in self.stats.values() if s.steps]
         self.log(phase_summary_table(rows))
         skipped = sum(s.skipped for s in self.stats.values())
         if skipped:

@@ -204,3 +204,51 @@ def test_presets_load_and_validate(name):
         assert (config.optim.lr, config.optim.betas, config.optim.eps, config.optim.ema_decay) == (
             1e-4, [0.9, 0.999], 1e-8, 0.9999)
         assert config.train.global_batch_size == 256 and config.encoder.names == ["dinov2-vit-b"]
+
+
+@pytest.mark.parametrize("mode", ["repa", "sit"])
+def test_baseline_modes_share_the_code_path(tmp_path, mode):
+    config = tiny_config(tmp_path, mode, f"run.mode={mode}", "train.total_steps=4")
+    stats = run(config)
+    records = read(config.run_dir)
+    assert list(stats) == [mode] and {r["phase"] for r in records} == {mode}
+    if mode == "repa":  # constant λ = alignment.weight
+        assert all(r["lambda"] == 0.5 for r in records)
+        assert all(r["loss"] == pytest.approx(r["loss_diffusion"] + 0.5 * r["loss_align"], rel=1e-5) for r in records)
+    else:
+        assert all("loss_align" not in r for r in records)
+        final = load_checkpoint(latest_checkpoint(config.run_dir))
+        assert not any(k.startswith("projectors.") for k in final["model"])
+
+
+def test_ema_is_the_exponential_average_of_the_weights():
+    from erw_fast.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    expected = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        for k, v in model.state_dict().items():
+            expected[k] = 0.9 * expected[k] + 0.1 * v.double()
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_reference_warmup_checkpoint_starts_phase_two(tmp_path, capsys):
+    """A reference warmup checkpoint (no final layer) is imported as Phase 1, then transferred at step W."""
+    warm = tiny_config(tmp_path, "warm", "train.total_steps=7", "erw.warmup_steps=6")
+    run(warm)
+    phase1 = load_checkpoint(warm.run_dir / "checkpoints" / "phase1_0000006.pt")
+    reference = {"model": phase1["model"], "ema": phase1["ema"], "args": {"model": "SiT-S/2"}, "steps": 6}
+    path = tmp_path / "0100000.pt"
+    torch.save(reference, path)
+    capsys.readouterr()
+    config = tiny_config(tmp_path, "from-ref", f"checkpoint.init_from_reference={path}")
+    stats = run(config)
+    out = capsys.readouterr().out
+    assert "initialised from reference checkpoint" in out and "ERW transfer at step 6" in out
+    assert stats["warmup"].steps == 0 and stats["full"].steps == 8
