@@ -1,0 +1,1 @@
+"""Sample-quality and representation evaluation: FID/sFID/IS/precision/recall, CKNNA."""
