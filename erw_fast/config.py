@@ -103,6 +103,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = True
     max_nonfinite_steps: int = 10  # abort after this many non-finite steps in a row
+    # Stop (with a checkpoint) after this many steps in one invocation; rerunning resumes. For time-limited
+    # cluster jobs.
+    max_steps_per_run: int | None = None
     compile: bool = False
 
 

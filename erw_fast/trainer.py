@@ -53,6 +53,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class StepBudgetReached(Exception):
+    """train.max_steps_per_run steps ran in this invocation; a checkpoint was written."""
+
+
 @dataclass
 class Phase:
     name: str  # warmup | full | repa | sit
@@ -240,7 +244,17 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
 
-    def _state(self, step: int) -> dict[str, Any]:
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state (index = rank): each rank draws its own noise, so all of them are needed
+        for an exact continuation."""
+        own = capture_rng_state()
+        if self.env.world_size == 1:
+            return [own]
+        gathered: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(gathered, own)
+        return gathered
+
+    def _state(self, step: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "step": step,
             "phase": self.phase.name,
@@ -248,7 +262,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "rng": capture_rng_state(),
+            "rng": rng,
             "data": self.sampler.position(step),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "stats": {k: {"steps": s.steps, "images": s.images, "wall_s": s.wall_s, "final_loss": s.final_loss,
@@ -258,8 +272,10 @@ class Trainer:
         }
 
     def _save(self, step: int, tag: str | None = None) -> None:
+        rng = self._rng_states()  # collective: every rank takes part
         if self.env.is_main:
-            path = save_checkpoint(self._state(step), self.run_dir, step, self.config.checkpoint.keep_last, tag=tag)
+            keep = self.config.checkpoint.keep_last
+            path = save_checkpoint(self._state(step, rng), self.run_dir, step, keep, tag=tag)
             self.log(f"checkpoint: {path}")
         if self.env.world_size > 1:
             dist.barrier()
@@ -284,7 +300,15 @@ class Trainer:
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         for name, s in state["stats"].items():
             self.stats[name] = PhaseStats(name, s["steps"], s["images"], s["wall_s"], s["final_loss"], s["skipped"])
-        restore_rng_state(state["rng"])
+        rng = state["rng"]
+        if len(rng) == self.env.world_size:
+            restore_rng_state(rng[self.env.rank])
+        else:
+            # Another world size: the per-rank noise streams cannot continue, so derive fresh ones from the
+            # seed and step. The run continues correctly but not bitwise like an uninterrupted one.
+            torch.manual_seed(self.config.run.seed + self.env.rank + 1_000_003 * step)
+            self.log(f"resume: checkpoint written with {len(rng)} rank(s), running with {self.env.world_size}: "
+                     "RNG streams re-derived from the seed (continuation is not bitwise)")
         return step
 
     def _init_from_reference(self, path: str) -> int:
@@ -416,6 +440,7 @@ class Trainer:
                 wandb_project=c.logging.wandb_project if c.logging.wandb else None, run_name=c.run.name,
                 config=c.to_dict(),
             )
+        self._steps_left = c.train.max_steps_per_run
         try:
             for phase in self.phases:
                 if step >= phase.end:
@@ -425,6 +450,10 @@ class Trainer:
                 step = self._run_phase(phase, step, metrics)
                 if phase.name == WARMUP:
                     self._save(step, tag="phase1")
+        except StepBudgetReached:
+            self.log(f"stopped after train.max_steps_per_run={c.train.max_steps_per_run} steps; rerun the same "
+                     "command to resume")
+            return self.stats
         finally:
             if metrics is not None:
                 metrics.close()
@@ -444,6 +473,11 @@ class Trainer:
         self.model.train()
         window_start, window_images, data_time = time.perf_counter(), 0, 0.0
         while step < phase.end:
+            if self._steps_left == 0:
+                if progress is not None:
+                    progress.close()
+                self._save(step)
+                raise StepBudgetReached()
             t0 = time.perf_counter()
             indices = next(batches)
             data_time += time.perf_counter() - t0
@@ -469,6 +503,8 @@ class Trainer:
                 window_start, window_images, data_time = time.perf_counter(), 0, 0.0
             if progress is not None:
                 progress.update(1)
+            if self._steps_left is not None:
+                self._steps_left -= 1
             if step % c.checkpoint.every == 0 and step < phase.end:
                 self._save(step)
         if progress is not None:

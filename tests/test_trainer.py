@@ -252,3 +252,37 @@ def test_reference_warmup_checkpoint_starts_phase_two(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "initialised from reference checkpoint" in out and "ERW transfer at step 6" in out
     assert stats["warmup"].steps == 0 and stats["full"].steps == 8
+
+
+def test_step_budget_stops_with_checkpoint_and_resumes(tmp_path):
+    reference = tiny_config(tmp_path, "whole")
+    run(reference)
+    for _ in range(3):  # 6 + 6 + 2 steps over three invocations, crossing the phase switch
+        stats = run(tiny_config(tmp_path, "pieces", "train.max_steps_per_run=6"))
+    assert sum(s.steps for s in stats.values()) == 14
+    assert [r["loss"] for r in read(tmp_path / "pieces")] == [r["loss"] for r in read(reference.run_dir)]
+
+
+def _torchrun(tmp_path, name, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "train.py"), *TINY, f"run.output_dir={tmp_path}", f"run.name={name}", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_torchrun_two_ranks_resume_matches_uninterrupted(tmp_path):
+    """DDP over gloo, 2 ranks: each rank keeps its own RNG stream across a stop/resume."""
+    out = _torchrun(tmp_path, "ddp")
+    assert "global 8 = 2 device(s) × 4 per device" in out and "ERW transfer at step 6" in out
+    _torchrun(tmp_path, "ddp-pieces", "train.max_steps_per_run=9")
+    _torchrun(tmp_path, "ddp-pieces")
+    whole, pieces = read(tmp_path / "ddp"), read(tmp_path / "ddp-pieces")
+    assert [r["loss"] for r in pieces] == [r["loss"] for r in whole]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ddp-pieces"))
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
