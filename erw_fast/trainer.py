@@ -529,11 +529,13 @@ class Trainer:
             self._report()
 
     def _report(self) -> None:
+        from erw_fast.flops import gflops_per_step
         from erw_fast.reporting import phase_summary_table, plot_loss_curves, read_metrics
 
         rows = [{"phase": s.name, "steps": s.steps, "images": s.images, "wall_s": s.wall_s,
                  "img_per_s": s.images / s.wall_s if s.wall_s else 0.0, "final_loss": s.final_loss,
-                 "gflops_per_step": None} for s in self.stats.values() if s.steps]
+                 "gflops_per_step": gflops_per_step(self.config, s.name, self.env.world_size)}
+                for s in self.stats.values() if s.steps]
         self.log(phase_summary_table(rows))
         skipped = sum(s.skipped for s in self.stats.values())
         if skipped:
