@@ -126,6 +126,15 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "erw_fast"
     plot: bool = True
+    # In-training monitors of the full model's EMA (0 = off): a sample grid PNG from fixed labels and noise,
+    # and the per-layer CKNNA with the teacher on a fixed held-out batch.
+    sample_every: int = 0
+    sample_count: int = 16
+    sample_steps: int = 50
+    sample_vae: str = "auto"  # auto (toy for the demo data, else the SD VAE "ema") | toy | ema | mse | local path
+    cknna_every: int = 0
+    cknna_samples: int = 64
+    cknna_t: float = 0.0
 
 
 @dataclass

@@ -34,6 +34,7 @@ from erw_fast.ema import EMA
 from erw_fast.metrics import MetricsWriter
 from erw_fast.models import SiT, SiTPhase1, describe_attention_backend, transfer_phase1_weights
 from erw_fast.models.sit import parse_model_name, sit_config
+from erw_fast.monitor import TrainingMonitor
 from erw_fast.objectives import (
     AlignmentObjective,
     ConstantLambda,
@@ -420,6 +421,7 @@ class Trainer:
         )
         self._build_data()
         self._build_encoders()
+        self.monitor = TrainingMonitor(c, self.run_dir, self.device)
 
         source = self._resume_source()
         if source is not None:
@@ -505,6 +507,10 @@ class Trainer:
                 progress.update(1)
             if self._steps_left is not None:
                 self._steps_left -= 1
+            if isinstance(self.model, SiT) and self.monitor.due(step):
+                result = self.monitor(step, self.ema.model, self.dataset, self.encoders)
+                if result:
+                    self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:
                 self._save(step)
         if progress is not None:

@@ -2,6 +2,7 @@
 configuration errors, the non-finite guard and reference-layout export."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -286,3 +287,18 @@ def test_torchrun_two_ranks_resume_matches_uninterrupted(tmp_path):
     assert [r["loss"] for r in pieces] == [r["loss"] for r in whole]
     state = load_checkpoint(latest_checkpoint(tmp_path / "ddp-pieces"))
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_monitors_write_outputs_without_changing_training(tmp_path):
+    plain = tiny_config(tmp_path, "plain")
+    run(plain)
+    watched = tiny_config(tmp_path, "watched", "logging.sample_every=7", "logging.cknna_every=7",
+                          "logging.sample_steps=4", "logging.sample_count=4", "logging.cknna_samples=16")
+    run(watched)
+    assert [r["loss"] for r in read(watched.run_dir)] == [r["loss"] for r in read(plain.run_dir)]
+    grids = sorted(p.name for p in (watched.run_dir / "samples").iterdir())
+    assert grids == ["step_0000007.png", "step_0000014.png"]
+    records = [json.loads(line) for line in (watched.run_dir / "monitor.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [7, 14] and all(len(r["cknna"]) == 4 for r in records)
+    # (the unbiased HSIC is not positive definite, so with 16 samples values may leave [-1, 1]: only finiteness)
+    assert all(math.isfinite(v) for r in records for v in r["cknna"])

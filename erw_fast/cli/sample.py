@@ -1,0 +1,222 @@
+"""erw-sample: draw N images from a SiT checkpoint into an ADM-compatible ``.npz`` plus ``protocol.json``.
+
+Works under ``torchrun``: rank r draws global samples r, r + W, r + 2W, … (W = world size) from its own seed
+``seed · W + r`` (REPA generate.py), writes its share to ``out_dir/.parts``, and rank 0 interleaves the shares
+into ``samples.npz`` (``arr_0`` uint8 NHWC, the first N; ``arr_1`` their labels) and ``protocol.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SAMPLES_FILE = "samples.npz"
+PROTOCOL_FILE = "protocol.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="erw-sample", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint: run/reference/NNNNNNN.pt, run/checkpoints/*.pt or REPA's")
+    p.add_argument("--out-dir", required=True, help="writes samples.npz, protocol.json (and png/ with --png)")
+    p.add_argument("--num-samples", type=int, default=50_000, help="N images (ADM protocol: 50 000)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--mode", "--sampler", dest="mode", choices=["ode", "sde"], default="ode")
+    p.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=50)
+    p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="ODE only")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guidance-low", type=float, default=0.0)
+    p.add_argument("--guidance-high", type=float, default=1.0)
+    p.add_argument("--path-type", choices=["linear", "cosine"], default=None, help="default: the checkpoint's")
+    p.add_argument("--vae", default="auto",
+                   help="auto (toy for demo runs, else ema) | toy | ema | mse | local diffusers VAE path")
+    p.add_argument("--image-size", type=int, default=None, help="toy VAE only (default: run config or 8·latent)")
+    p.add_argument("--seed", type=int, default=0, help="global seed; rank r uses seed·world_size + r")
+    p.add_argument("--balanced-labels", action="store_true",
+                   help="label i = i mod classes instead of uniform random (NOT the reference protocol)")
+    p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--model", default=None, help="model name if the checkpoint does not say (e.g. SiT-XL/2)")
+    p.add_argument("--config", default=None, help="the run's config.yaml (default: found beside the checkpoint)")
+    p.add_argument("--png", action="store_true", help="also write png/NNNNNN.png")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast for the SiT")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT forward")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for pkg in ("erw-fast", "diffusers", "timm"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+def _labels(generator: torch.Generator, global_idx: torch.Tensor, num_classes: int, balanced: bool,
+            device: torch.device) -> torch.Tensor:
+    if balanced:
+        return (global_idx % num_classes).to(device)
+    return torch.randint(0, num_classes, (len(global_idx),), generator=generator, device=device)
+
+
+def _save_png(images: np.ndarray, indices: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for img, i in zip(images, indices, strict=True):
+        Image.fromarray(img).save(folder / f"{int(i):06d}.png")
+
+
+def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:  # a file object keeps np.savez from appending a second ".npz"
+        np.savez(f, arr_0=images, arr_1=labels)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from erw_fast.cli.loading import load_sit_checkpoint
+    from erw_fast.codecs import build_codec, resolve_codec_name
+    from erw_fast.runtime import autocast_context, init_runtime, set_tf32
+    from erw_fast.sampling import euler_maruyama_sampler, euler_sampler
+
+    if args.num_samples <= 0:
+        raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_steps <= 0:
+        raise ValueError(f"--num-steps must be positive, got {args.num_steps}")
+    if args.cfg_scale < 1.0:
+        raise ValueError(f"--cfg-scale must be ≥ 1 (1 = no guidance), got {args.cfg_scale}")
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+
+    env = init_runtime(args.device)
+    set_tf32(args.tf32)
+    rank, world = env.rank, env.world_size
+    loaded = load_sit_checkpoint(args.ckpt, ema=not args.raw, config_path=args.config, model_name=args.model,
+                                 device=env.device)
+    model = loaded.model
+    latent = model.input_size
+    vae = resolve_codec_name(args.vae, loaded.config.data.kind if loaded.config is not None else None)
+    image_size = args.image_size or (loaded.config.data.image_size if loaded.config is not None else 8 * latent)
+    codec = build_codec(vae, device=env.device, image_size=image_size if vae == "toy" else 8 * latent,
+                        latent_size=latent, latent_channels=model.in_channels)
+    path_type = args.path_type or loaded.path_type
+    sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
+
+    n = args.batch_size
+    iterations = math.ceil(args.num_samples / (n * world))
+    generator = torch.Generator(device=env.device).manual_seed(args.seed * world + rank)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for it in range(iterations):
+        local = torch.arange(it * n, (it + 1) * n)
+        global_idx = local * world + rank
+        z = torch.randn(n, model.in_channels, latent, latent, generator=generator, device=env.device)
+        y = _labels(generator, global_idx, model.num_classes, args.balanced_labels, env.device)
+        kwargs: dict[str, Any] = dict(num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
+                                      guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+                                      path_type=path_type, compile=args.compile)
+        if args.mode == "sde":
+            kwargs["generator"] = generator
+        with autocast_context(args.precision, env.device):
+            latents = sampler(model, z, y, **kwargs)
+        batch = codec.decode(latents.to(torch.float32)).permute(0, 2, 3, 1).contiguous().numpy()
+        if args.png:
+            keep = global_idx.numpy() < args.num_samples
+            _save_png(batch[keep], global_idx.numpy()[keep], out_dir / "png")
+        images.append(batch)
+        labels.append(y.cpu().numpy())
+        if rank == 0:
+            print(f"batch {it + 1}/{iterations}: {n * world} images", file=sys.stderr, flush=True)
+    own_images, own_labels = np.concatenate(images), np.concatenate(labels)
+
+    parts = out_dir / ".parts"
+    if world > 1:
+        parts.mkdir(exist_ok=True)
+        np.save(parts / f"images_{rank:05d}.npy", own_images)
+        np.save(parts / f"labels_{rank:05d}.npy", own_labels)
+        dist.barrier()
+    protocol: dict[str, Any] = {}
+    if rank == 0:
+        total = iterations * n * world
+        all_images = np.empty((total, *own_images.shape[1:]), dtype=np.uint8)
+        all_labels = np.empty(total, dtype=np.int64)
+        for r in range(world):  # global index = local index · W + r
+            all_images[r::world] = own_images if r == 0 else np.load(parts / f"images_{r:05d}.npy")
+            all_labels[r::world] = own_labels if r == 0 else np.load(parts / f"labels_{r:05d}.npy")
+        _write_npz(out_dir / SAMPLES_FILE, all_images[: args.num_samples], all_labels[: args.num_samples])
+        protocol = {
+            "format": "erw_fast.sample_protocol/1",
+            "npz": SAMPLES_FILE,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": str(loaded.checkpoint),
+            "checkpoint_step": loaded.step,
+            "weights": loaded.weights,
+            "run_config": str(loaded.config_path) if loaded.config_path else None,
+            "model": {k: v for k, v in loaded.kwargs.items() if k != "attn_backend"},
+            "sampler": {"mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun and args.mode == "ode"),
+                        "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low,
+                        "guidance_high": args.guidance_high, "path_type": path_type},
+            "vae": {"spec": vae, "description": codec.description},
+            "num_samples": args.num_samples,
+            "image_shape": list(all_images.shape[1:]),
+            "labels": "balanced (i mod classes)" if args.balanced_labels else "uniform random",
+            "comparable": not args.balanced_labels,
+            "seed": args.seed,
+            "world_size": world,
+            "per_process_batch_size": n,
+            "precision": args.precision,
+            "tf32": bool(args.tf32),
+            "compile": bool(args.compile),
+            "device": str(env.device),
+            "versions": _versions(),
+        }
+        if args.balanced_labels:
+            protocol["note"] = "balanced labels differ from the reference protocol (uniform random labels)"
+        (out_dir / PROTOCOL_FILE).write_text(json.dumps(protocol, indent=2) + "\n")
+        shutil.rmtree(parts, ignore_errors=True)
+        print(f"wrote {out_dir / SAMPLES_FILE} ({args.num_samples} images) and {out_dir / PROTOCOL_FILE}")
+    if world > 1:
+        dist.barrier()
+    return protocol
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: bad or missing flags (already explained on stderr), or --help
+        return int(exc.code or 0)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"erw-sample: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Optional in-training monitors of the full model's EMA: a sample grid and per-layer CKNNA with the teacher.
+
+Both draw their noise from their own seeded generators, so turning them on never changes the training run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from erw_fast.config import Config
+
+
+class TrainingMonitor:
+    def __init__(self, config: Config, run_dir: Path, device: torch.device) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = device
+        self._codec = None
+
+    def due(self, step: int) -> bool:
+        log = self.config.logging
+        return any(every > 0 and step % every == 0 for every in (log.sample_every, log.cknna_every))
+
+    def __call__(self, step: int, ema_model: nn.Module, dataset, encoders: list[nn.Module]) -> dict:
+        log = self.config.logging
+        out: dict = {}
+        if log.sample_every > 0 and step % log.sample_every == 0:
+            out["samples"] = str(self._sample_grid(step, ema_model))
+        if log.cknna_every > 0 and step % log.cknna_every == 0 and encoders:
+            out["cknna"] = self._cknna(ema_model, dataset, encoders)
+            with (self.run_dir / "monitor.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "cknna_t": log.cknna_t, "cknna": out["cknna"]}) + "\n")
+        return out
+
+    def _decoder(self):
+        if self._codec is None:
+            from erw_fast.codecs import build_codec, resolve_codec_name
+
+            m = self.config.model
+            name = resolve_codec_name(self.config.logging.sample_vae, self.config.data.kind)
+            self._codec = build_codec(name, device=self.device, image_size=self.config.data.image_size,
+                                      latent_size=m.input_size, latent_channels=m.in_channels)
+        return self._codec
+
+    @torch.no_grad()
+    def _sample_grid(self, step: int, model: nn.Module) -> Path:
+        import matplotlib.image
+
+        from erw_fast.sampling import sample_grid
+
+        m, log = self.config.model, self.config.logging
+        g = torch.Generator().manual_seed(self.config.run.seed + 4242)
+        noise = torch.randn(log.sample_count, m.in_channels, m.input_size, m.input_size, generator=g)
+        labels = torch.arange(log.sample_count) % m.num_classes
+        grid = sample_grid(model, labels.to(self.device), noise.to(self.device), self._decoder().decode,
+                           num_steps=log.sample_steps, path_type=self.config.diffusion.path_type)
+        path = self.run_dir / "samples" / f"step_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        matplotlib.image.imsave(path, grid.cpu().numpy())
+        return path
+
+    @torch.no_grad()
+    def _cknna(self, model: nn.Module, dataset, encoders: list[nn.Module]) -> list[float]:
+        from erw_fast.evaluation.layerwise import layerwise_cknna, sit_layer_features
+
+        n = min(self.config.logging.cknna_samples, len(dataset))
+        idx = torch.arange(len(dataset) - n, len(dataset))  # a fixed batch from the end of the set
+        images = dataset.images[idx].to(self.device)
+        latents = dataset.latents[idx].to(self.device)
+        labels = dataset.labels[idx].to(self.device)
+        g = torch.Generator().manual_seed(self.config.run.seed + 4243)
+        noise = torch.randn(latents.shape, generator=g).to(self.device)
+        was_training = model.training
+        model.eval()
+        try:
+            layers = sit_layer_features(model, latents, labels, self.config.logging.cknna_t, noise,
+                                        path_type=self.config.diffusion.path_type)
+        finally:
+            model.train(was_training)
+        feats = encoders[0](images.float())
+        return [round(v, 6) for v in layerwise_cknna(layers, feats, topk=min(10, n - 1))]
