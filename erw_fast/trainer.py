@@ -8,6 +8,7 @@ Phase-1 weights are transferred automatically and the Phase-1 optimizer state is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -336,6 +337,29 @@ class Trainer:
         labels = self.dataset.labels[idx].to(self.device, non_blocking=True)
         return images, latents, labels
 
+    def _micro_batch_loss(
+        self, images: torch.Tensor, latents: torch.Tensor, labels: torch.Tensor, lam: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.config
+        with autocast_context(c.train.precision, self.device):
+            feats = None
+            if self.phase.aligns:
+                with torch.no_grad():
+                    feats = [encoder(images.float()) for encoder in self.encoders]
+            if self.phase.name == WARMUP:
+                loss = phase1_loss(self.train_model, latents, labels, feats, self.alignment,
+                                   legacy_warmup_loss=c.erw.legacy_warmup_loss)
+                return loss, {"loss": loss, "loss_align": loss}
+            out = diffusion_loss(
+                self.train_model, latents, labels, self.interpolant, time_weighting=c.diffusion.time_weighting,
+                encoder_features=feats, alignment=self.alignment if self.phase.aligns else None,
+                alignment_weight=lam,
+            )
+        parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
+        if out.alignment is not None:
+            parts["loss_align"] = out.alignment
+        return out.loss, parts
+
     def _step(self, step: int, indices: list[int]) -> dict[str, torch.Tensor]:
         c = self.config
         images, latents, labels = self._batch(indices)
@@ -345,26 +369,13 @@ class Trainer:
         mb = self.batch.micro_batch
         for start in range(0, self.batch.local_batch, mb):
             sl = slice(start, start + mb)
-            with autocast_context(c.train.precision, self.device):
-                feats = None
-                if self.phase.aligns:
-                    with torch.no_grad():
-                        feats = [encoder(images[sl].float()) for encoder in self.encoders]
-                if self.phase.name == WARMUP:
-                    loss = phase1_loss(self.train_model, latents[sl], labels[sl], feats, self.alignment,
-                                       legacy_warmup_loss=c.erw.legacy_warmup_loss)
-                    parts = {"loss": loss, "loss_align": loss}
-                else:
-                    out = diffusion_loss(
-                        self.train_model, latents[sl], labels[sl], self.interpolant,
-                        time_weighting=c.diffusion.time_weighting, encoder_features=feats,
-                        alignment=self.alignment if self.phase.aligns else None, alignment_weight=lam,
-                    )
-                    loss = out.loss
-                    parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
-                    if out.alignment is not None:
-                        parts["loss_align"] = out.alignment
-            self.scaler.scale(loss / self.batch.accumulation).backward()
+            last = start + mb >= self.batch.local_batch
+            # DDP: all-reduce gradients once, on the last micro-batch (no_sync must cover forward and backward).
+            sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") \
+                else self.train_model.no_sync()
+            with sync:
+                loss, parts = self._micro_batch_loss(images[sl], latents[sl], labels[sl], lam)
+                self.scaler.scale(loss / self.batch.accumulation).backward()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0) + value.detach() / self.batch.accumulation
         self.scaler.unscale_(self.optimizer)

@@ -302,3 +302,15 @@ def test_monitors_write_outputs_without_changing_training(tmp_path):
     assert [r["step"] for r in records] == [7, 14] and all(len(r["cknna"]) == 4 for r in records)
     # (the unbiased HSIC is not positive definite, so with 16 samples values may leave [-1, 1]: only finiteness)
     assert all(math.isfinite(v) for r in records for v in r["cknna"])
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """Phase 1 draws no noise besides label dropout (off here), so 2 × 4 accumulated equals one batch of 8."""
+    whole = tiny_config(tmp_path, "whole", "model.class_dropout_prob=0.0", "train.total_steps=7")
+    accumulated = tiny_config(tmp_path, "accum", "model.class_dropout_prob=0.0", "train.total_steps=7",
+                              "train.micro_batch_size=4")
+    run(whole)
+    run(accumulated)
+    for a, b in zip(read(accumulated.run_dir)[:6], read(whole.run_dir)[:6], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
