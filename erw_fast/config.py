@@ -111,11 +111,21 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["demo", "webdataset"] = "demo"
-    path: str | None = None  # webdataset shards (ImageNet 256 px latents + images)
+    # demo: the procedural in-memory set; webdataset / dali: shards written by `erw-prepare` (same samples).
+    kind: Literal["demo", "webdataset", "dali"] = "demo"
+    path: str | None = None  # the prepared dataset directory (holding manifest.json)
+    image_size: int = 256  # image side the encoder sees (64 for the demo)
     num_samples: int = 2048  # demo dataset size
-    image_size: int = 64  # demo image side (the encoder's input)
-    num_workers: int = 0
+    num_workers: int = 4  # DataLoader workers / DALI python workers
+    prefetch: int = 2  # batches queued per worker / DALI queue depth
+    pin_memory: bool | None = None  # None: when training on CUDA
+    flip: bool = False  # random horizontal flips (needs shards prepared with flipped moments)
+    on_error: Literal["raise", "skip"] = "raise"  # an unreadable sample stops the run, or is replaced and counted
+    verify: Literal["none", "size", "checksum"] = "size"  # shard check when the loader starts
+    latent_scale: float | None = None  # expected VAE scaling factor (None: the manifest's)
+    features: bool = False  # use precomputed teacher features stored in the shards instead of the encoder
+    dali_threads: int = 2
+    dali_decoder: Literal["auto", "mixed", "cpu"] = "auto"
 
 
 @dataclass

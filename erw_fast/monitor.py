@@ -6,6 +6,7 @@ Both draw their noise from their own seeded generators, so turning them on never
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,23 +16,26 @@ from erw_fast.config import Config
 
 
 class TrainingMonitor:
-    def __init__(self, config: Config, run_dir: Path, device: torch.device) -> None:
+    def __init__(self, config: Config, run_dir: Path, device: torch.device,
+                 held_out_batch: Callable[[int], dict[str, torch.Tensor]]) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = device
+        self._held_out_batch = held_out_batch  # n → a fixed batch of n samples (the data order's first)
+        self._batch: dict[str, torch.Tensor] | None = None
         self._codec = None
 
     def due(self, step: int) -> bool:
         log = self.config.logging
         return any(every > 0 and step % every == 0 for every in (log.sample_every, log.cknna_every))
 
-    def __call__(self, step: int, ema_model: nn.Module, dataset, encoders: list[nn.Module]) -> dict:
+    def __call__(self, step: int, ema_model: nn.Module, encoders: list[nn.Module]) -> dict:
         log = self.config.logging
         out: dict = {}
         if log.sample_every > 0 and step % log.sample_every == 0:
             out["samples"] = str(self._sample_grid(step, ema_model))
         if log.cknna_every > 0 and step % log.cknna_every == 0 and encoders:
-            out["cknna"] = self._cknna(ema_model, dataset, encoders)
+            out["cknna"] = self._cknna(ema_model, encoders)
             with (self.run_dir / "monitor.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "cknna_t": log.cknna_t, "cknna": out["cknna"]}) + "\n")
         return out
@@ -64,14 +68,13 @@ class TrainingMonitor:
         return path
 
     @torch.no_grad()
-    def _cknna(self, model: nn.Module, dataset, encoders: list[nn.Module]) -> list[float]:
+    def _cknna(self, model: nn.Module, encoders: list[nn.Module]) -> list[float]:
         from erw_fast.evaluation.layerwise import layerwise_cknna, sit_layer_features
 
-        n = min(self.config.logging.cknna_samples, len(dataset))
-        idx = torch.arange(len(dataset) - n, len(dataset))  # a fixed batch from the end of the set
-        images = dataset.images[idx].to(self.device)
-        latents = dataset.latents[idx].to(self.device)
-        labels = dataset.labels[idx].to(self.device)
+        if self._batch is None:
+            self._batch = self._held_out_batch(self.config.logging.cknna_samples)
+        batch = self._batch
+        latents, labels = batch["latents"].to(self.device), batch["labels"].to(self.device)
         g = torch.Generator().manual_seed(self.config.run.seed + 4243)
         noise = torch.randn(latents.shape, generator=g).to(self.device)
         was_training = model.training
@@ -81,5 +84,5 @@ class TrainingMonitor:
                                         path_type=self.config.diffusion.path_type)
         finally:
             model.train(was_training)
-        feats = encoders[0](images.float())
-        return [round(v, 6) for v in layerwise_cknna(layers, feats, topk=min(10, n - 1))]
+        feats = batch["features"] if "features" in batch else encoders[0](batch["images"].to(self.device).float())
+        return [round(v, 6) for v in layerwise_cknna(layers, feats, topk=min(10, latents.shape[0] - 1))]

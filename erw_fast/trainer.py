@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,24 +154,21 @@ class Trainer:
             return ERWLambdaSchedule(c0, c.erw.warmup_steps, c.train.total_steps, c.erw.half_life)
         return ConstantLambda(c.alignment.weight if c.run.mode == "repa" else 0.0)
 
-    def _build_data(self) -> None:
-        from erw_fast.data import DemoShapesDataset, ResumableBatchSampler
+    def _build_loader(self, start_step: int, **overrides: Any):
+        from erw_fast.data.loaders import build_loader
 
         c = self.config
-        if c.data.kind != "demo":
-            raise ConfigError(
-                f"data.kind {c.data.kind!r}: the sharded latent loader is not part of this version yet; "
-                "only data.kind=demo runs"
-            )
-        patch_side = c.model.input_size
-        self.dataset = DemoShapesDataset(
-            num_samples=c.data.num_samples, num_classes=c.model.num_classes, image_size=c.data.image_size,
-            latent_size=patch_side, latent_channels=c.model.in_channels, seed=c.run.seed,
+        kwargs: dict[str, Any] = dict(
+            global_batch_size=self.batch.global_batch, seed=c.run.seed, rank=self.env.rank,
+            world_size=self.env.world_size, num_workers=c.data.num_workers, start_step=start_step,
+            device=self.device, flip=c.data.flip, on_error=c.data.on_error, image_size=c.data.image_size,
+            num_classes=c.model.num_classes, images=c.run.mode != "sit" and not c.data.features,
+            features=c.data.features, prefetch=c.data.prefetch, pin_memory=c.data.pin_memory, verify=c.data.verify,
+            latent_scale=c.data.latent_scale, latent_size=c.model.input_size, latent_channels=c.model.in_channels,
+            dali_threads=c.data.dali_threads, dali_decoder=c.data.dali_decoder, demo_num_samples=c.data.num_samples,
         )
-        self.sampler = ResumableBatchSampler(
-            len(self.dataset), self.batch.global_batch, seed=c.run.seed, rank=self.env.rank,
-            world_size=self.env.world_size,
-        )
+        kwargs.update(overrides)
+        return build_loader(c.data.kind, c.data.path, **kwargs)
 
     def _build_encoders(self) -> None:
         self.encoders: list[nn.Module] = []
@@ -265,7 +262,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rng,
-            "data": self.sampler.position(step),
+            "data": self.loader.position(step),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "stats": {k: {"steps": s.steps, "images": s.images, "wall_s": s.wall_s, "final_loss": s.final_loss,
                           "skipped": s.skipped} for k, s in self.stats.items()},
@@ -330,22 +327,19 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- the step
 
-    def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices)
-        images = self.dataset.images[idx].to(self.device, non_blocking=True)
-        latents = self.dataset.latents[idx].to(self.device, non_blocking=True)
-        labels = self.dataset.labels[idx].to(self.device, non_blocking=True)
-        return images, latents, labels
-
     def _micro_batch_loss(
-        self, images: torch.Tensor, latents: torch.Tensor, labels: torch.Tensor, lam: float
+        self, batch: dict[str, torch.Tensor], sl: slice, lam: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.config
+        latents, labels = batch["latents"][sl], batch["labels"][sl]
         with autocast_context(c.train.precision, self.device):
             feats = None
             if self.phase.aligns:
-                with torch.no_grad():
-                    feats = [encoder(images.float()) for encoder in self.encoders]
+                if "features" in batch:  # precomputed teacher features (one encoder)
+                    feats = [batch["features"][sl]]
+                else:
+                    with torch.no_grad():
+                        feats = [encoder(batch["images"][sl].float()) for encoder in self.encoders]
             if self.phase.name == WARMUP:
                 loss = phase1_loss(self.train_model, latents, labels, feats, self.alignment,
                                    legacy_warmup_loss=c.erw.legacy_warmup_loss)
@@ -360,9 +354,8 @@ class Trainer:
             parts["loss_align"] = out.alignment
         return out.loss, parts
 
-    def _step(self, step: int, indices: list[int]) -> dict[str, torch.Tensor]:
+    def _step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.config
-        images, latents, labels = self._batch(indices)
         lam = self.lam(step)
         totals: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
@@ -374,7 +367,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") \
                 else self.train_model.no_sync()
             with sync:
-                loss, parts = self._micro_batch_loss(images[sl], latents[sl], labels[sl], lam)
+                loss, parts = self._micro_batch_loss(batch, sl, lam)
                 self.scaler.scale(loss / self.batch.accumulation).backward()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0) + value.detach() / self.batch.accumulation
@@ -430,9 +423,7 @@ class Trainer:
             f"{self.batch.local_batch} per device = {self.batch.micro_batch} per micro-batch × "
             f"{self.batch.accumulation} accumulation step(s); device {self.device}"
         )
-        self._build_data()
         self._build_encoders()
-        self.monitor = TrainingMonitor(c, self.run_dir, self.device)
 
         source = self._resume_source()
         if source is not None:
@@ -445,6 +436,11 @@ class Trainer:
             first = self.phases[0]
             self._enter_phase(first, self._new_model(first))
 
+        self.loader = self._build_loader(step)
+        self.monitor = TrainingMonitor(c, self.run_dir, self.device, lambda n: next(self._build_loader(
+            0, rank=0, world_size=1, global_batch_size=n, num_workers=0)))
+        self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
+                 f"epoch), starting at {self.loader.position(step)}")
         metrics = None
         if self.env.is_main:
             metrics = MetricsWriter(
@@ -468,6 +464,7 @@ class Trainer:
                      "command to resume")
             return self.stats
         finally:
+            self.loader.close()
             if metrics is not None:
                 metrics.close()
         self._finish(step)
@@ -475,7 +472,6 @@ class Trainer:
 
     def _run_phase(self, phase: Phase, step: int, metrics: MetricsWriter | None) -> int:
         c = self.config
-        batches: Iterator[list[int]] = self.sampler.batches(start_step=step)
         stats = self.stats[phase.name]
         progress = None
         if self.env.is_main and c.logging.progress:
@@ -492,9 +488,9 @@ class Trainer:
                 self._save(step)
                 raise StepBudgetReached()
             t0 = time.perf_counter()
-            indices = next(batches)
+            batch = next(self.loader)
             data_time += time.perf_counter() - t0
-            totals = self._step(step, indices)
+            totals = self._step(step, batch)
             step += 1
             stats.steps += 1
             stats.images += self.batch.global_batch
@@ -519,7 +515,7 @@ class Trainer:
             if self._steps_left is not None:
                 self._steps_left -= 1
             if isinstance(self.model, SiT) and self.monitor.due(step):
-                result = self.monitor(step, self.ema.model, self.dataset, self.encoders)
+                result = self.monitor(step, self.ema.model, self.encoders)
                 if result:
                     self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:

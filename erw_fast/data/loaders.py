@@ -1,0 +1,147 @@
+"""``build_loader``: the one factory the trainer calls, for every data kind.
+
+Kinds:
+    demo        the procedural DemoShapesDataset (in memory, toy latents), same iterator contract
+    webdataset  prepared shards, torch DataLoader workers (``wds_loader``)
+    dali        prepared shards, DALI pipeline with GPU (nvJPEG) decoding on CUDA (``dali_loader``)
+
+All kinds yield the same dict per step (see ``train_loader``) and take their order from
+``ResumableBatchSampler(num_samples, global_batch_size, seed, rank, world_size)``; "webdataset" and "dali" yield
+identical batches for the same arguments.
+
+Suggested ``DataConfig`` keys (→ ``build_loader`` argument):
+    kind: demo | webdataset | dali        → kind
+    path: str | None                      → path (the directory holding manifest.json)
+    num_workers: int = 4                  → num_workers (DataLoader workers / DALI python workers)
+    prefetch: int = 2                     → prefetch (batches queued per worker / DALI queue depth)
+    pin_memory: bool | None = None        → pin_memory (None: when the device is CUDA)
+    flip: bool = False                    → flip (needs a dataset prepared with --flip-moments)
+    on_error: raise | skip = raise        → on_error
+    verify: none | size | checksum = size → verify (checked when the loader is built)
+    latent_scale: float | None = None     → latent_scale (expected VAE scale; None: the manifest's)
+    dali_threads: int = 2                 → dali_threads
+    dali_decoder: auto | mixed | cpu      → dali_decoder
+    image_size, num_samples (demo)        → image_size, demo_num_samples
+and from elsewhere in the config: run.seed → seed, model.num_classes → num_classes, model.input_size /
+in_channels → latent_size / latent_channels, images=(run.mode != "sit") and the trainer's global batch, rank,
+world size, device and resume step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from erw_fast.data.sampler import ResumableBatchSampler
+from erw_fast.data.shards import DataError, ShardSet
+from erw_fast.data.train_loader import TrainLoader
+
+KINDS = ("demo", "webdataset", "dali")
+
+
+class DemoLoader(TrainLoader):
+    """``kind="demo"``: batches of the in-memory DemoShapesDataset in the sampler's order."""
+
+    kind = "demo"
+
+    def __init__(self, dataset: Any, sampler: ResumableBatchSampler, start_step: int, device: torch.device,
+                 images: bool = True) -> None:
+        super().__init__(sampler, start_step, dataset.num_classes, device)
+        self.dataset, self.images = dataset, images
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(self.sampler.indices(self.step))
+        self.step += 1
+        out = {
+            "latents": self.dataset.latents[idx].to(self.device, non_blocking=True),
+            "labels": self.dataset.labels[idx].to(self.device, non_blocking=True),
+            "indices": idx,
+        }
+        if self.images:
+            out["images"] = self.dataset.images[idx].to(self.device, non_blocking=True)
+        return out
+
+
+def _check_manifest(shards: ShardSet, image_size: int, latent_scale: float | None, latent_size: int | None,
+                    latent_channels: int | None) -> None:
+    man, where = shards.manifest, shards.root / "manifest.json"
+    if man.image_size != image_size:
+        raise DataError(f"{where}: images are {man.image_size} px, the run expects image_size={image_size}")
+    if latent_scale is not None and abs(man.scaling_factor - latent_scale) > 1e-9 * max(1.0, abs(latent_scale)):
+        raise DataError(f"{where}: VAE scaling_factor {man.scaling_factor} ({man.vae.get('name')}), "
+                        f"the run expects latent_scale={latent_scale}")
+    c2, h, w = man.moments_shape
+    if latent_size is not None and (h, w) != (latent_size, latent_size):
+        raise DataError(f"{where}: latents are {h}x{w}, the model expects {latent_size}x{latent_size}")
+    if latent_channels is not None and c2 // 2 != latent_channels:
+        raise DataError(f"{where}: latents have {c2 // 2} channels, the model expects {latent_channels}")
+
+
+def build_loader(
+    kind: str,
+    path: str | None,
+    *,
+    global_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    start_step: int = 0,
+    device: torch.device | str = "cpu",
+    flip: bool = False,
+    on_error: str = "raise",
+    image_size: int = 256,
+    num_classes: int | None = None,
+    images: bool = True,
+    features: bool = False,
+    prefetch: int = 2,
+    pin_memory: bool | None = None,
+    verify: str = "size",
+    latent_scale: float | None = None,
+    latent_size: int | None = None,
+    latent_channels: int | None = None,
+    drop_last: bool = True,
+    dali_threads: int = 2,
+    dali_decoder: str = "auto",
+    demo_num_samples: int = 2048,
+) -> TrainLoader:
+    """Build this rank's loader, positioned at ``start_step``. See the module docstring for the kinds and keys.
+
+    ``images=False`` skips reading/decoding images (plain SiT); ``features=True`` loads precomputed teacher
+    features. Shard kinds check the manifest against ``image_size``, ``num_classes``, ``latent_scale``,
+    ``latent_size`` and ``latent_channels`` (those given) and raise ``DataError`` naming the mismatch.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    device = torch.device(device)
+    if kind == "demo":
+        from erw_fast.data.demo import DemoShapesDataset
+
+        if flip or features:
+            raise ValueError("the demo dataset has no flipped moments or precomputed features (flip/features)")
+        dataset = DemoShapesDataset(num_samples=demo_num_samples, num_classes=num_classes or 8, image_size=image_size,
+                                    latent_size=latent_size or 8, latent_channels=latent_channels or 4, seed=seed)
+        sampler = ResumableBatchSampler(len(dataset), global_batch_size, seed, rank, world_size, drop_last)
+        return DemoLoader(dataset, sampler, start_step, device, images)
+
+    if not path:
+        raise ValueError(f"data kind {kind!r} needs a path (the prepared dataset directory)")
+    from erw_fast.data.batches import BatchAssembler, LoadOptions
+
+    shards = ShardSet(path, verify=verify, on_error=on_error)  # type: ignore[arg-type]
+    _check_manifest(shards, image_size, latent_scale, latent_size, latent_channels)
+    sampler = ResumableBatchSampler(shards.num_samples, global_batch_size, seed, rank, world_size, drop_last)
+    opts = LoadOptions(seed=seed, images=images, features=features, flip=flip, on_error=on_error,  # type: ignore[arg-type]
+                       num_classes=num_classes)
+    assembler = BatchAssembler(shards, sampler, opts)
+    scale = shards.manifest.scaling_factor
+    if kind == "webdataset":
+        from erw_fast.data.wds_loader import WebDatasetLoader
+
+        return WebDatasetLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
+                                prefetch_factor=prefetch, pin_memory=pin_memory, latent_scale=scale)
+    from erw_fast.data.dali_loader import DaliLoader
+
+    return DaliLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
+                      num_threads=dali_threads, prefetch=prefetch, latent_scale=scale, decoder_device=dali_decoder)
