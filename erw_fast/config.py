@@ -145,6 +145,10 @@ class LoggingConfig:
     cknna_every: int = 0
     cknna_samples: int = 64
     cknna_t: float = 0.0
+    # Small-N FID of EMA samples against the same number of training images (a trend, not a paper number).
+    fid_every: int = 0
+    fid_samples: int = 256
+    fid_inception: str | None = None  # TF-ported FID Inception weights (None: the torch hub cache)
 
 
 @dataclass

@@ -24,10 +24,11 @@ class TrainingMonitor:
         self._held_out_batch = held_out_batch  # n → a fixed batch of n samples (the data order's first)
         self._batch: dict[str, torch.Tensor] | None = None
         self._codec = None
+        self._fid_state = None  # (Inception extractor, real-image statistics), built on first use
 
     def due(self, step: int) -> bool:
         log = self.config.logging
-        return any(every > 0 and step % every == 0 for every in (log.sample_every, log.cknna_every))
+        return any(every > 0 and step % every == 0 for every in (log.sample_every, log.cknna_every, log.fid_every))
 
     def __call__(self, step: int, ema_model: nn.Module, encoders: list[nn.Module]) -> dict:
         log = self.config.logging
@@ -38,7 +39,40 @@ class TrainingMonitor:
             out["cknna"] = self._cknna(ema_model, encoders)
             with (self.run_dir / "monitor.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "cknna_t": log.cknna_t, "cknna": out["cknna"]}) + "\n")
+        if log.fid_every > 0 and step % log.fid_every == 0:
+            out["fid"] = self._fid(ema_model)
+            with (self.run_dir / "monitor.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "fid": out["fid"], "fid_samples": log.fid_samples}) + "\n")
         return out
+
+    @torch.no_grad()
+    def _fid(self, model: nn.Module) -> float:
+        """FID between ``fid_samples`` EMA samples (ODE, fixed noise and uniform labels) and as many training
+        images; the real statistics are computed once."""
+        from erw_fast.evaluation.evaluator import compute_activations
+        from erw_fast.evaluation.fid import GaussianStats
+        from erw_fast.evaluation.inception import build_fid_inception
+        from erw_fast.sampling import euler_sampler
+
+        m, log = self.config.model, self.config.logging
+        if self._fid_state is None:
+            extractor = build_fid_inception(weights_path=log.fid_inception, device=self.device)
+            real = self._held_out_batch(log.fid_samples)["images"].permute(0, 2, 3, 1).cpu().numpy()
+            self._fid_state = (extractor, GaussianStats.from_features(compute_activations(extractor, real).pool))
+        extractor, real_stats = self._fid_state
+        g = torch.Generator().manual_seed(self.config.run.seed + 4244)
+        noise = torch.randn(log.fid_samples, m.in_channels, m.input_size, m.input_size, generator=g)
+        labels = torch.randint(0, m.num_classes, (log.fid_samples,), generator=g)
+        was_training = model.training
+        model.eval()
+        try:
+            latents = euler_sampler(model, noise.to(self.device), labels.to(self.device), num_steps=log.sample_steps,
+                                    path_type=self.config.diffusion.path_type)
+        finally:
+            model.train(was_training)
+        images = self._decoder().decode(latents.float()).permute(0, 2, 3, 1).numpy()
+        fake_stats = GaussianStats.from_features(compute_activations(extractor, images).pool)
+        return round(fake_stats.frechet_distance(real_stats), 4)
 
     def _decoder(self):
         if self._codec is None:

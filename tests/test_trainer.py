@@ -290,15 +290,23 @@ def test_torchrun_two_ranks_resume_matches_uninterrupted(tmp_path):
 
 
 def test_monitors_write_outputs_without_changing_training(tmp_path):
+    from erw_fast.evaluation.inception import build_fid_inception
+
+    inception = tmp_path / "inception.pt"  # no real weights offline: a random network in the real format
+    torch.save(build_fid_inception(pretrained=False, seed=0).net.state_dict(), inception)
     plain = tiny_config(tmp_path, "plain")
     run(plain)
     watched = tiny_config(tmp_path, "watched", "logging.sample_every=7", "logging.cknna_every=7",
-                          "logging.sample_steps=4", "logging.sample_count=4", "logging.cknna_samples=16")
+                          "logging.sample_steps=4", "logging.sample_count=4", "logging.cknna_samples=16",
+                          "logging.fid_every=14", "logging.fid_samples=8", f"logging.fid_inception={inception}")
     run(watched)
     assert [r["loss"] for r in read(watched.run_dir)] == [r["loss"] for r in read(plain.run_dir)]
     grids = sorted(p.name for p in (watched.run_dir / "samples").iterdir())
     assert grids == ["step_0000007.png", "step_0000014.png"]
     records = [json.loads(line) for line in (watched.run_dir / "monitor.jsonl").read_text().splitlines()]
+    fids = [r for r in records if "fid" in r]
+    assert [r["step"] for r in fids] == [14] and math.isfinite(fids[0]["fid"]) and fids[0]["fid"] > 0
+    records = [r for r in records if "cknna" in r]
     assert [r["step"] for r in records] == [7, 14] and all(len(r["cknna"]) == 4 for r in records)
     # (the unbiased HSIC is not positive definite, so with 16 samples values may leave [-1, 1]: only finiteness)
     assert all(math.isfinite(v) for r in records for v in r["cknna"])
@@ -346,3 +354,15 @@ def test_shard_resume_continues_the_data_order(tmp_path):
     run(tiny_config(tmp_path, "pieces", *common, "train.max_steps_per_run=5", "data.num_workers=1"))
     run(tiny_config(tmp_path, "pieces", *common))
     assert [r["loss"] for r in read(tmp_path / "pieces")] == [r["loss"] for r in read(tmp_path / "whole")]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite(tmp_path, precision):
+    """bf16 autocast (default) and fp16 with a GradScaler; the alignment and loss math stay in fp32."""
+    config = tiny_config(tmp_path, precision, f"train.precision={precision}", "train.total_steps=8")
+    run(config)
+    records = read(config.run_dir)
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0.0 for r in records)
+    state = load_checkpoint(latest_checkpoint(config.run_dir))
+    assert bool(state["scaler"]) == (precision == "fp16")
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
