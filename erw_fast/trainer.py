@@ -12,7 +12,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,6 @@ class PhaseStats:
     wall_s: float = 0.0
     final_loss: float | None = None
     skipped: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def model_kwargs(config: Config, z_dims: Sequence[int]) -> dict[str, Any]:
