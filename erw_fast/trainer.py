@@ -211,9 +211,8 @@ class Trainer:
         impl = o.implementation
         if impl == "auto":
             impl = "fused" if self.device.type == "cuda" else "foreach"
-        params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
+            self.trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
             fused=impl == "fused", foreach=impl == "foreach" or None,
         )
 
@@ -227,6 +226,7 @@ class Trainer:
         self.phase = phase
         self.model = model
         self.train_model = self._wrap(torch.compile(model) if self.config.train.compile else model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # listed once, not every step
         self.optimizer = self._optimizer(model)
         self.ema = EMA(model, self.config.optim.ema_decay)
         use_scaler = self.config.train.precision == "fp16"
@@ -372,8 +372,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0) + value.detach() / self.batch.accumulation
         self.scaler.unscale_(self.optimizer)
         clip = c.optim.grad_clip
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
         # The one host sync of the step: deciding whether to skip a non-finite update.
         finite = bool(torch.isfinite(totals["loss"]) & torch.isfinite(grad_norm))
         if finite:

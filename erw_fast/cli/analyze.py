@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from erw_fast.cli import run_cli
+
 HELD_OUT_SEED_OFFSET = 1_000_003  # demo data seed = run seed + this: never a training sample
 ENCODER_SEED_OFFSET = 7919  # the trainer draws random (pretrained: false) encoders from run seed + 7919
 
@@ -152,17 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"erw-analyze: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_cli("erw-analyze", build_parser(), run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from erw_fast.cli import run_cli
+
 PROTOCOL_FILE = "protocol.json"
 
 
@@ -86,17 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"erw-eval: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_cli("erw-eval", build_parser(), run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from erw_fast.cli import run_cli
+
 SAMPLES_FILE = "samples.npz"
 PROTOCOL_FILE = "protocol.json"
 
@@ -204,19 +206,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse: bad or missing flags (already explained on stderr), or --help
-        return int(exc.code or 0)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"erw-sample: error: {exc}", file=sys.stderr)
-        return 2
+        return run_cli("erw-sample", build_parser(), run, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
