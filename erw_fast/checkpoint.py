@@ -20,6 +20,7 @@ import pickle
 import random
 import re
 import secrets
+import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +31,16 @@ import torch
 
 __all__ = [
     "CHECKPOINT_SUBDIR",
+    "ENGINE_SUBDIRS",
     "capture_rng_state",
+    "checkpoint_name",
     "export_reference_checkpoint",
     "export_safetensors",
     "import_reference_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "prune_engine_dirs",
     "restore_rng_state",
     "save_checkpoint",
     "strip_wrapper_prefixes",
@@ -226,7 +230,7 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int 
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__qualname__}")
     _validate_plain(state)
 
-    final = _checkpoint_dir(run_dir) / f"{tag or _UNTAGGED}_{step:07d}.pt"
+    final = _checkpoint_dir(run_dir) / f"{checkpoint_name(step, tag)}.pt"
     _atomic_write(final, _torch_save_to(state))
 
     untagged = [p for p, _, t in _scan(run_dir) if t is None and p != final]
@@ -234,6 +238,31 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int 
     for p in untagged[: max(len(untagged) - (keep_last - 1), 0)]:
         _remove_quietly(p)
     return final
+
+
+def checkpoint_name(step: int, tag: str | None = None) -> str:
+    """The stem of a checkpoint's state file (``step_0001000``), also naming an engine's files for it."""
+    return f"{tag or _UNTAGGED}_{step:07d}"
+
+
+# Engines that write their own files (DeepSpeed) put them in these directories, one entry per checkpoint name.
+ENGINE_SUBDIRS = ("deepspeed", "deepspeed-universal")
+
+
+def prune_engine_dirs(run_dir: str | Path) -> list[Path]:
+    """Delete engine checkpoint directories whose state file is gone (rotated out) or was never written (a save
+    interrupted before it completed). Call after a successful save, on one rank."""
+    directory = _checkpoint_dir(run_dir)
+    removed = []
+    for sub in ENGINE_SUBDIRS:
+        root = directory / sub
+        if not root.is_dir():
+            continue
+        for entry in root.iterdir():
+            if entry.is_dir() and not (directory / f"{entry.name}.pt").is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -161,6 +161,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class EngineConfig:
+    # auto: DeepSpeed under the `deepspeed` launcher or with --deepspeed_config, otherwise DDP (torchrun) or a
+    # single process. The choice and its reason are printed at start.
+    kind: Literal["auto", "ddp", "deepspeed"] = "auto"
+    # DeepSpeed ZeRO stage; None → the stage in the DeepSpeed JSON, else 1 (README: why ZeRO-1 on one node).
+    zero_stage: int | None = None
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged into the generated one (conflicts are errors)
+    # DDP
+    ddp_bucket_mb: float = 25.0
+    ddp_static_graph: bool = False
+    ddp_gradient_as_bucket_view: bool = True
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +187,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -351,6 +366,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
     if config.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be ≥ 1, got {config.checkpoint.keep_last}")
+    if config.engine.zero_stage is not None and config.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {config.engine.zero_stage}")
+    if not config.engine.ddp_bucket_mb > 0:
+        raise ConfigError(f"engine.ddp_bucket_mb must be > 0, got {config.engine.ddp_bucket_mb}")
     if config.model.input_size % (config.model.patch_size or patch):
         raise ConfigError(
             f"model.input_size ({config.model.input_size}) is not divisible by the patch size "

@@ -8,7 +8,6 @@ Phase-1 weights are transferred automatically and the Phase-1 optimizer state is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -19,19 +18,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from erw_fast.checkpoint import (
+    CHECKPOINT_SUBDIR,
     capture_rng_state,
+    checkpoint_name,
     export_reference_checkpoint,
+    export_safetensors,
     import_reference_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    prune_engine_dirs,
     restore_rng_state,
     save_checkpoint,
 )
 from erw_fast.config import Config, ConfigError, dump_config, load_config
-from erw_fast.ema import EMA
+from erw_fast.engines import Engine, LocalEngine, select_engine
 from erw_fast.metrics import MetricsWriter
 from erw_fast.models import SiT, SiTPhase1, describe_attention_backend, transfer_phase1_weights
 from erw_fast.models.sit import parse_model_name, sit_config
@@ -46,6 +48,7 @@ from erw_fast.objectives import (
     phase1_loss,
     resolve_alignment_backend,
 )
+from erw_fast.randomness import GlobalBatchRandomness, StepDraw
 from erw_fast.runtime import DistEnv, autocast_context, init_runtime, set_tf32
 
 WARMUP, FULL = "warmup", "full"
@@ -121,8 +124,10 @@ def model_kwargs(config: Config, z_dims: Sequence[int]) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, config: Config, env: DistEnv | None = None, log_stream=None) -> None:
+    def __init__(self, config: Config, env: DistEnv | None = None, log_stream=None, engine: str = "ddp",
+                 engine_reason: str = "default") -> None:
         self.config = config
+        self.engine_kind, self.engine_reason = engine, engine_reason
         self.env = env or init_runtime(config.run.device)
         self.device = self.env.device
         self.out = log_stream
@@ -136,6 +141,11 @@ class Trainer:
             align.objective, align.temperature, align.negatives, align.symmetric, backend
         )
         self.lam = self._lambda_schedule()
+        m = config.model
+        self.randomness = GlobalBatchRandomness(
+            seed=config.run.seed, global_batch=self.batch.global_batch,
+            latent_shape=(m.in_channels, m.input_size, m.input_size), class_dropout_prob=m.class_dropout_prob,
+            interpolant=self.interpolant, time_weighting=config.diffusion.time_weighting, device=self.device)
         self.stats: dict[str, PhaseStats] = {}
         self.nonfinite_in_a_row = 0
         self.model: nn.Module | None = None
@@ -206,45 +216,37 @@ class Trainer:
             model = SiT(encoder_depth=self.config.alignment.encoder_depth, **kwargs)
         return model.to(self.device)
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        o = self.config.optim
-        impl = o.implementation
-        if impl == "auto":
-            impl = "fused" if self.device.type == "cuda" else "foreach"
-        return torch.optim.AdamW(
-            self.trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
-            fused=impl == "fused", foreach=impl == "foreach" or None,
-        )
+    def _build_engine(self, phase: Phase, model: nn.Module, resume_info: dict[str, Any] | None = None) -> Engine:
+        b = self.batch
+        if self.engine_kind == "deepspeed":
+            from erw_fast.engines.deepspeed_engine import DeepSpeedEngine
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.env.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-        return model
+            return DeepSpeedEngine(model, self.config, self.env, global_batch=b.global_batch,
+                                   micro_batch=b.micro_batch, accumulation=b.accumulation,
+                                   model_factory=lambda: self._new_model(phase), resume_info=resume_info)
+        return LocalEngine(model, self.config, self.env, b.accumulation)
 
-    def _enter_phase(self, phase: Phase, model: nn.Module) -> None:
+    def _enter_phase(self, phase: Phase, model: nn.Module, resume_info: dict[str, Any] | None = None) -> None:
         self.phase = phase
-        self.model = model
-        self.train_model = self._wrap(torch.compile(model) if self.config.train.compile else model)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]  # listed once, not every step
-        self.optimizer = self._optimizer(model)
-        self.ema = EMA(model, self.config.optim.ema_decay)
-        use_scaler = self.config.train.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.stats.setdefault(phase.name, PhaseStats(phase.name))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        started = time.perf_counter()
+        self.engine = self._build_engine(phase, model, resume_info)
+        self.engine_build_s = time.perf_counter() - started
+        self.model = self.engine.module
+        self.stats.setdefault(phase.name, PhaseStats(phase.name))
         self.log(
             f"phase {phase.name}: steps [{phase.start}, {phase.end}), {type(model).__name__} with "
             f"{len(model.blocks)} blocks, {n_params / 1e6:.2f}M trainable parameters, attention "
             f"{describe_attention_backend(model.attention_backend)}, alignment "
             f"{self.alignment.objective}/{self.alignment.backend if phase.aligns else '-'}"
         )
+        self.log(f"engine: {self.engine.describe()} ({self.engine_reason}; built in {self.engine_build_s:.2f}s)")
 
     # --------------------------------------------------------------------------------------- checkpoints
 
     def _rng_states(self) -> list[dict[str, Any]]:
-        """Every rank's RNG state (index = rank): each rank draws its own noise, so all of them are needed
-        for an exact continuation."""
+        """Every rank's RNG state (index = rank). The step's noise does not come from these streams (see
+        erw_fast.randomness); they are kept for anything else that draws from the global generators."""
         own = capture_rng_state()
         if self.env.world_size == 1:
             return [own]
@@ -252,14 +254,11 @@ class Trainer:
         dist.all_gather_object(gathered, own)
         return gathered
 
-    def _state(self, step: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    def _state(self, step: int, rng: list[dict[str, Any]], engine_state: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": step,
             "phase": self.phase.name,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            **engine_state,
             "rng": rng,
             "data": self.loader.position(step),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -271,9 +270,14 @@ class Trainer:
 
     def _save(self, step: int, tag: str | None = None) -> None:
         rng = self._rng_states()  # collective: every rank takes part
+        directory = self.run_dir / CHECKPOINT_SUBDIR
+        engine_state = self.engine.checkpoint_state(directory, checkpoint_name(step, tag))  # collective too
+        if self.env.world_size > 1:
+            dist.barrier()  # every rank's engine files are complete before the state file marks the checkpoint
         if self.env.is_main:
             keep = self.config.checkpoint.keep_last
-            path = save_checkpoint(self._state(step, rng), self.run_dir, step, keep, tag=tag)
+            path = save_checkpoint(self._state(step, rng, engine_state), self.run_dir, step, keep, tag=tag)
+            prune_engine_dirs(self.run_dir)
             self.log(f"checkpoint: {path}")
         if self.env.world_size > 1:
             dist.barrier()
@@ -286,15 +290,14 @@ class Trainer:
             return latest_checkpoint(self.run_dir)
         return Path(choice)
 
-    def _restore(self, state: dict[str, Any]) -> int:
+    def _restore(self, state: dict[str, Any], source: Path) -> int:
+        from erw_fast.engines.deepspeed_engine import check_resumable
+
+        check_resumable(state, self.engine_kind, source)
         step = int(state["step"])
         phase = next(p for p in self.phases if p.name == state["phase"])
-        self._enter_phase(phase, self._new_model(phase))
-        self.model.load_state_dict(state["model"], strict=True)
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        self._enter_phase(phase, self._new_model(phase), resume_info=state.get("engine"))
+        self.engine.load_checkpoint_state(state, source.parent)
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         for name, s in state["stats"].items():
             self.stats[name] = PhaseStats(name, s["steps"], s["images"], s["wall_s"], s["final_loss"], s["skipped"])
@@ -302,11 +305,10 @@ class Trainer:
         if len(rng) == self.env.world_size:
             restore_rng_state(rng[self.env.rank])
         else:
-            # Another world size: the per-rank noise streams cannot continue, so derive fresh ones from the
-            # seed and step. The run continues correctly but not bitwise like an uninterrupted one.
-            torch.manual_seed(self.config.run.seed + self.env.rank + 1_000_003 * step)
-            self.log(f"resume: checkpoint written with {len(rng)} rank(s), running with {self.env.world_size}: "
-                     "RNG streams re-derived from the seed (continuation is not bitwise)")
+            # The step noise is drawn per global batch (erw_fast.randomness), so the run continues the same way
+            # on any world size; only the global generators are re-seeded.
+            torch.manual_seed(self.config.run.seed + self.env.rank)
+            self.log(f"resume: checkpoint written with {len(rng)} rank(s), running with {self.env.world_size}")
         return step
 
     def _init_from_reference(self, path: str) -> int:
@@ -317,9 +319,10 @@ class Trainer:
         phase = self.phases[0] if is_warmup else self.phases[-1]
         if is_warmup and phase.name != WARMUP:
             raise ConfigError(f"{path} is a warmup (Phase-1) checkpoint, but run.mode is {self.config.run.mode!r}")
-        self._enter_phase(phase, self._new_model(phase))
-        self.model.load_state_dict(weights, strict=True)
-        self.ema.load_state_dict(ref["ema"] if ref["ema"] is not None else weights)
+        model = self._new_model(phase)
+        model.load_state_dict(weights, strict=True)  # before the engine takes (and may partition) the weights
+        self._enter_phase(phase, model)
+        self.engine.ema.load_state_dict(ref["ema"] if ref["ema"] is not None else weights)
         step = phase.end if is_warmup else phase.start
         self.log(f"initialised from reference checkpoint {path} ({'Phase 1' if is_warmup else 'full model'})")
         return step
@@ -327,10 +330,11 @@ class Trainer:
     # --------------------------------------------------------------------------------------- the step
 
     def _micro_batch_loss(
-        self, batch: dict[str, torch.Tensor], sl: slice, lam: float
+        self, batch: dict[str, torch.Tensor], sl: slice, lam: float, draw: StepDraw
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.config
         latents, labels = batch["latents"][sl], batch["labels"][sl]
+        model = self.engine.forward_module
         with autocast_context(c.train.precision, self.device):
             feats = None
             if self.phase.aligns:
@@ -340,13 +344,13 @@ class Trainer:
                     with torch.no_grad():
                         feats = [encoder(batch["images"][sl].float()) for encoder in self.encoders]
             if self.phase.name == WARMUP:
-                loss = phase1_loss(self.train_model, latents, labels, feats, self.alignment,
-                                   legacy_warmup_loss=c.erw.legacy_warmup_loss)
+                loss = phase1_loss(model, latents, labels, feats, self.alignment,
+                                   legacy_warmup_loss=c.erw.legacy_warmup_loss, force_drop_ids=draw.drop_labels)
                 return loss, {"loss": loss, "loss_align": loss}
             out = diffusion_loss(
-                self.train_model, latents, labels, self.interpolant, time_weighting=c.diffusion.time_weighting,
-                encoder_features=feats, alignment=self.alignment if self.phase.aligns else None,
-                alignment_weight=lam,
+                model, latents, labels, self.interpolant, encoder_features=feats,
+                alignment=self.alignment if self.phase.aligns else None, alignment_weight=lam,
+                t=draw.t.to(latents.dtype), noise=draw.noise.to(latents.dtype), force_drop_ids=draw.drop_labels,
             )
         parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
         if out.alignment is not None:
@@ -357,27 +361,18 @@ class Trainer:
         c = self.config
         lam = self.lam(step)
         totals: dict[str, torch.Tensor] = {}
-        self.optimizer.zero_grad(set_to_none=True)
-        mb = self.batch.micro_batch
-        for start in range(0, self.batch.local_batch, mb):
-            sl = slice(start, start + mb)
-            last = start + mb >= self.batch.local_batch
-            # DDP: all-reduce gradients once, on the last micro-batch (no_sync must cover forward and backward).
-            sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") \
-                else self.train_model.no_sync()
-            with sync:
-                loss, parts = self._micro_batch_loss(batch, sl, lam)
-                self.scaler.scale(loss / self.batch.accumulation).backward()
+        b = self.batch
+        # This rank's rows of the step's global-batch draw (the sampler gives rank r the r-th slice).
+        draw = self.randomness.draw(step, self.env.rank * b.local_batch, b.local_batch)
+        for start in range(0, b.local_batch, b.micro_batch):
+            sl = slice(start, start + b.micro_batch)
+            with self.engine.micro_batch(last=start + b.micro_batch >= b.local_batch):
+                loss, parts = self._micro_batch_loss(batch, sl, lam, draw.rows(sl))
+                self.engine.backward(loss)
             for key, value in parts.items():
-                totals[key] = totals.get(key, 0) + value.detach() / self.batch.accumulation
-        self.scaler.unscale_(self.optimizer)
-        clip = c.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
-        # The one host sync of the step: deciding whether to skip a non-finite update.
-        finite = bool(torch.isfinite(totals["loss"]) & torch.isfinite(grad_norm))
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.ema.update()
+                totals[key] = totals.get(key, 0) + value.detach() / b.accumulation
+        outcome = self.engine.step(totals["loss"])
+        if outcome.applied:
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -385,27 +380,29 @@ class Trainer:
             if self.nonfinite_in_a_row >= c.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"step {step}: {self.nonfinite_in_a_row} non-finite steps in a row (loss "
-                    f"{totals['loss'].item()}, grad norm {grad_norm.item()}); aborting as configured by "
+                    f"{totals['loss'].item()}, grad norm {outcome.grad_norm.item()}); aborting as configured by "
                     f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}. The last good checkpoint is in "
                     f"{self.run_dir / 'checkpoints'}"
                 )
-        self.scaler.update()
-        totals["grad_norm"] = grad_norm.detach()
+        totals["grad_norm"] = outcome.grad_norm
         totals["lambda"] = torch.tensor(lam if self.phase.aligns and self.phase.name != WARMUP else float("nan"))
-        totals["skipped"] = torch.tensor(0.0 if finite else 1.0)
+        totals["skipped"] = torch.tensor(0.0 if outcome.applied else 1.0)
         return totals
 
     # --------------------------------------------------------------------------------------- the run
 
     def _switch_to_full(self, phase: Phase) -> None:
-        assert isinstance(self.model, SiTPhase1)
-        phase1_model = self.model
+        started = time.perf_counter()
+        # The Phase-1 weights as the engine holds them (fp32 masters; gathered under ZeRO), in a plain model.
+        phase1_model = self._new_model(self.phase)
+        phase1_model.load_state_dict(self.engine.full_model_state(), strict=True)
+        assert isinstance(phase1_model, SiTPhase1)
+        self.engine.close()  # the Phase-1 optimizer state is dropped
         full = self._new_model(phase)
         report = transfer_phase1_weights(phase1_model, full, include_projectors=self.config.erw.reuse_projector)
-        started = time.perf_counter()
-        self._enter_phase(phase, full)  # fresh optimizer: the Phase-1 optimizer state is dropped
-        self.log(f"ERW transfer at step {phase.start}: {report.summary()} "
-                 f"(engine rebuilt in {time.perf_counter() - started:.2f}s)")
+        self._enter_phase(phase, full)
+        self.log(f"ERW transfer at step {phase.start}: {report.summary()} (Phase-1 weights gathered, engine "
+                 f"rebuilt for the full model: {time.perf_counter() - started:.2f}s)")
         self.transfer_report = report
 
     def run(self) -> dict[str, PhaseStats]:
@@ -419,13 +416,14 @@ class Trainer:
         self.log(
             f"batch: global {self.batch.global_batch} = {self.env.world_size} device(s) × "
             f"{self.batch.local_batch} per device = {self.batch.micro_batch} per micro-batch × "
-            f"{self.batch.accumulation} accumulation step(s); device {self.device}"
+            f"{self.batch.accumulation} accumulation step(s); device {self.device}; engine {self.engine_kind} "
+            f"({self.engine_reason})"
         )
         self._build_encoders()
 
         source = self._resume_source()
         if source is not None:
-            step = self._restore(load_checkpoint(source, map_location=self.device))
+            step = self._restore(load_checkpoint(source, map_location=self.device), source)
             self.log(f"resumed from {source} at step {step} (phase {self.phase.name})")
         elif c.checkpoint.init_from_reference:
             step = self._init_from_reference(c.checkpoint.init_from_reference)
@@ -499,7 +497,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 stats.wall_s += elapsed
                 record = {"step": step, "phase": phase.name, **{k: float(v) for k, v in totals.items()},
-                          "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": window_images / elapsed,
+                          "lr": self.engine.lr(), "img_per_s": window_images / elapsed,
                           "step_time_s": elapsed / max(window_images // self.batch.global_batch, 1),
                           "data_time_s": data_time / max(window_images // self.batch.global_batch, 1)}
                 stats.final_loss = record["loss"]
@@ -512,8 +510,8 @@ class Trainer:
                 progress.update(1)
             if self._steps_left is not None:
                 self._steps_left -= 1
-            if isinstance(self.model, SiT) and self.monitor.due(step):
-                result = self.monitor(step, self.ema.model, self.encoders)
+            if self.phase.name != WARMUP and self.monitor.due(step):
+                result = self.monitor(step, self.engine.ema_module(), self.encoders)
                 if result:
                     self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:
@@ -525,7 +523,10 @@ class Trainer:
     def _finish(self, step: int) -> None:
         c = self.config
         self._save(step)
-        if self.env.is_main and c.checkpoint.export_reference and isinstance(self.model, SiT):
+        export = c.checkpoint.export_reference and self.phase.name != WARMUP
+        if export:  # gathered from every rank under ZeRO
+            model_state, ema_state = self.engine.full_model_state(), self.engine.full_ema_state()
+        if self.env.is_main and export:
             args = {"model": c.model.name, "encoder_depth": c.alignment.encoder_depth,
                     "enc_type": ",".join(c.encoder.names), "proj_coeff": c.alignment.weight,
                     "path_type": c.diffusion.path_type,
@@ -533,9 +534,10 @@ class Trainer:
                     "num_classes": c.model.num_classes,
                     "projector_embed_dims": ",".join(map(str, self._z_dims())),
                     "qk_norm": c.model.qk_norm, "use_rope": c.model.use_rope}
-            path = export_reference_checkpoint(self.model.state_dict(), self.ema.state_dict(), args, step,
-                                               self.run_dir / "reference")
-            self.log(f"reference-layout export: {path}")
+            path = export_reference_checkpoint(model_state, ema_state, args, step, self.run_dir / "reference")
+            st_model = export_safetensors(model_state, path.with_suffix(".model.safetensors"))
+            st_ema = export_safetensors(ema_state, path.with_suffix(".ema.safetensors"))
+            self.log(f"reference-layout export: {path} (+ {st_model.name}, {st_ema.name})")
         if self.env.is_main:
             self._report()
 
@@ -561,25 +563,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train SiT with ERW / REPA / plain diffusion.")
     parser.add_argument("--config", type=str, default=None, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.total_steps=1000")
-    # Set by the `deepspeed` launcher; the device is taken from the LOCAL_RANK environment variable.
+    # Set by the `deepspeed` launcher (which also selects the DeepSpeed engine); the device is taken from the
+    # LOCAL_RANK environment variable.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed_config", type=str, default=None, help="DeepSpeed JSON (DeepSpeed engine)")
+    parser.add_argument("--deepspeed", action="store_true", help="use the DeepSpeed engine")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", type=str, default=None,
+                        help="a DeepSpeed JSON merged into the generated one (implies the DeepSpeed engine)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.deepspeed_config:
+            overrides.append(f"engine.deepspeed_config={args.deepspeed_config}")
+        config = load_config(args.config, overrides)
+        engine, reason = select_engine(config, deepspeed_flag=args.deepspeed,
+                                       deepspeed_launcher=args.local_rank is not None)
+        trainer = Trainer(config, engine=engine, engine_reason=reason)
+        trainer.run()
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    if args.deepspeed_config:
-        print("config error: the DeepSpeed engine is not available in this version; launch with torchrun "
-              "(DDP) or python", file=sys.stderr)
-        return 2
-    trainer = Trainer(config)
-    trainer.run()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

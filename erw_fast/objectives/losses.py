@@ -68,10 +68,13 @@ def phase1_loss(
     encoder_features: Sequence[torch.Tensor],
     alignment: AlignmentObjective,
     legacy_warmup_loss: bool = False,
+    force_drop_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ERW Phase 1: the Phase-1 model on clean latents at t = 0, trained on the alignment loss alone."""
+    """ERW Phase 1: the Phase-1 model on clean latents at t = 0, trained on the alignment loss alone.
+
+    ``force_drop_ids`` (1 = drop the label) replaces the model's own label-dropout draw."""
     t = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
-    projs = model(latents, t, labels)
+    projs = model(latents, t, labels) if force_drop_ids is None else model(latents, t, labels, force_drop_ids)
     if legacy_warmup_loss:
         return legacy_warmup_cosine_loss(projs, encoder_features)
     return alignment(projs, encoder_features)
@@ -95,16 +98,24 @@ def diffusion_loss(
     alignment: AlignmentObjective | None = None,
     alignment_weight: float = 0.0,
     generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    force_drop_ids: torch.Tensor | None = None,
 ) -> DiffusionLossOutput:
     """v-prediction MSE at t drawn from ``time_weighting`` (+ λ·alignment when features are given).
 
-    Used for ERW Phase 2 (λ from the schedule), REPA (constant λ) and plain SiT (no features)."""
-    t = interpolant.sample_time(
-        latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
-    )
-    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+    Used for ERW Phase 2 (λ from the schedule), REPA (constant λ) and plain SiT (no features). ``t``, ``noise``
+    and ``force_drop_ids`` may be given (the trainer draws them per global batch); otherwise they are drawn here
+    (t, noise from ``generator``) and by the model (label dropout)."""
+    if t is None:
+        t = interpolant.sample_time(
+            latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
+        )
+    if noise is None:
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
     x_t, target = interpolant.interpolate(latents, noise, t)
-    prediction, projs = model(x_t, t, labels)
+    extra = () if force_drop_ids is None else (force_drop_ids,)
+    prediction, projs = model(x_t, t, labels, *extra)
     diffusion = mean_flat((prediction.float() - target.float()) ** 2).mean()
     if encoder_features is None or alignment is None:
         return DiffusionLossOutput(diffusion, diffusion, None)

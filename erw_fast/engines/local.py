@@ -1,0 +1,117 @@
+"""The engine for one process and for DDP (torchrun): torch AdamW, GradScaler for fp16, multi-tensor EMA."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from erw_fast.config import Config
+from erw_fast.ema import EMA
+from erw_fast.engines.base import StepOutcome
+from erw_fast.runtime import DistEnv
+
+
+class LocalEngine:
+    """Gradients are summed over micro-batches (DDP all-reduces once, on the last), then clipped; a step whose
+    loss or gradient norm is not finite is skipped (weights, optimizer and EMA untouched)."""
+
+    kind = "ddp"
+
+    def __init__(self, model: nn.Module, config: Config, env: DistEnv, accumulation: int) -> None:
+        self.config = config
+        self.env = env
+        self.accumulation = accumulation
+        self.module = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # listed once, not every step
+        compiled = torch.compile(model) if config.train.compile else model
+        self.forward_module = self._wrap(compiled)
+        self.optimizer = self._optimizer()
+        self.ema = EMA(model, config.optim.ema_decay)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.train.precision == "fp16")
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.env.world_size == 1:
+            return model
+        e = self.config.engine
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=e.ddp_bucket_mb,
+                                       gradient_as_bucket_view=e.ddp_gradient_as_bucket_view,
+                                       static_graph=e.ddp_static_graph)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.config.optim
+        impl = o.implementation
+        if impl == "auto":
+            impl = "fused" if self.env.device.type == "cuda" else "foreach"
+        return torch.optim.AdamW(
+            self.trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
+            fused=impl == "fused", foreach=impl == "foreach" or None,
+        )
+
+    def describe(self) -> str:
+        if self.env.world_size == 1:
+            return "single process"
+        e = self.config.engine
+        return (f"DDP over {self.env.world_size} ranks (bucket {e.ddp_bucket_mb:g} MB, gradient_as_bucket_view "
+                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph})")
+
+    # ------------------------------------------------------------------------------------------ the step
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        # DDP: all-reduce once, on the last micro-batch (no_sync must cover forward and backward).
+        if last or not isinstance(self.forward_module, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.forward_module.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.accumulation).backward()
+
+    def step(self, loss: torch.Tensor) -> StepOutcome:
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
+        # The one host sync of the step: deciding whether to skip a non-finite update.
+        applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if applied:
+            self.scaler.step(self.optimizer)
+            self.ema.update()
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(grad_norm.detach(), applied)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def close(self) -> None:
+        self.optimizer.state.clear()
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def ema_module(self) -> nn.Module:
+        return self.ema.model
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def full_ema_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def checkpoint_state(self, directory: Any, name: str) -> dict[str, Any]:
+        return {
+            "engine": {"kind": self.kind},
+            "model": self.module.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any], directory: Any) -> None:
+        self.module.load_state_dict(state["model"], strict=True)
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
