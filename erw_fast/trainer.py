@@ -496,7 +496,7 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - window_start
                 stats.wall_s += elapsed
-                record = {"step": step, "phase": phase.name, **{k: float(v) for k, v in totals.items()},
+                record = {"step": step, "phase": phase.name, **self._global_means(totals),
                           "lr": self.engine.lr(), "img_per_s": window_images / elapsed,
                           "step_time_s": elapsed / max(window_images // self.batch.global_batch, 1),
                           "data_time_s": data_time / max(window_images // self.batch.global_batch, 1)}
@@ -520,6 +520,15 @@ class Trainer:
             progress.close()
         return step
 
+    def _global_means(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The logged values are means over the global batch (one all-reduce, at logging steps only), so a
+        run logs the same numbers on any world size."""
+        values = torch.stack([v.detach().float().to(self.device).reshape(()) for v in totals.values()])
+        if self.env.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        return dict(zip(totals, values.tolist(), strict=True))
+
     def _finish(self, step: int) -> None:
         c = self.config
         self._save(step)
@@ -527,17 +536,9 @@ class Trainer:
         if export:  # gathered from every rank under ZeRO
             model_state, ema_state = self.engine.full_model_state(), self.engine.full_ema_state()
         if self.env.is_main and export:
-            args = {"model": c.model.name, "encoder_depth": c.alignment.encoder_depth,
-                    "enc_type": ",".join(c.encoder.names), "proj_coeff": c.alignment.weight,
-                    "path_type": c.diffusion.path_type,
-                    "weighting": c.diffusion.time_weighting, "resolution": c.encoder.resolution,
-                    "num_classes": c.model.num_classes,
-                    "projector_embed_dims": ",".join(map(str, self._z_dims())),
-                    "qk_norm": c.model.qk_norm, "use_rope": c.model.use_rope}
-            path = export_reference_checkpoint(model_state, ema_state, args, step, self.run_dir / "reference")
-            st_model = export_safetensors(model_state, path.with_suffix(".model.safetensors"))
-            st_ema = export_safetensors(ema_state, path.with_suffix(".ema.safetensors"))
-            self.log(f"reference-layout export: {path} (+ {st_model.name}, {st_ema.name})")
+            paths = export_consolidated(model_state, ema_state, reference_args(c, self._z_dims()), step,
+                                        self.run_dir / "reference")
+            self.log(f"reference-layout export: {', '.join(str(p) for p in paths)}")
         if self.env.is_main:
             self._report()
 
@@ -557,6 +558,23 @@ class Trainer:
             png = plot_loss_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss_curves.png",
                                    title=f"{self.config.run.name}: {self.config.model.name} ({self.config.run.mode})")
             self.log(f"loss curves: {png}")
+
+
+def reference_args(c: Config, z_dims: Sequence[int]) -> dict[str, Any]:
+    """The `args` of a reference-layout checkpoint (what REPA/ERW's generate.py reads)."""
+    return {"model": c.model.name, "encoder_depth": c.alignment.encoder_depth, "enc_type": ",".join(c.encoder.names),
+            "proj_coeff": c.alignment.weight, "path_type": c.diffusion.path_type,
+            "weighting": c.diffusion.time_weighting, "resolution": c.encoder.resolution,
+            "num_classes": c.model.num_classes, "projector_embed_dims": ",".join(map(str, z_dims)),
+            "qk_norm": c.model.qk_norm, "use_rope": c.model.use_rope}
+
+
+def export_consolidated(model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
+                        args: dict[str, Any], step: int, out_dir: Path) -> list[Path]:
+    """``{step}.pt`` = {model, ema, args, steps} (the reference layout) and the same weights as safetensors."""
+    path = export_reference_checkpoint(model_state, ema_state, args, step, out_dir)
+    return [path, export_safetensors(model_state, path.with_suffix(".model.safetensors")),
+            export_safetensors(ema_state, path.with_suffix(".ema.safetensors"))]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
