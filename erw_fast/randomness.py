@@ -49,7 +49,7 @@ class GlobalBatchRandomness:
 
     def draw(self, step: int, first_row: int, num_rows: int) -> StepDraw:
         """Rows [first_row, first_row + num_rows) of step ``step``'s draw for the global batch."""
-        if not 0 <= first_row and first_row + num_rows <= self.global_batch:
+        if first_row < 0 or num_rows < 1 or first_row + num_rows > self.global_batch:
             raise ValueError(f"rows [{first_row}, {first_row + num_rows}) outside the global batch {self.global_batch}")
         g = self.generator(step)
         n = self.global_batch

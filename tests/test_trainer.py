@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _trainer_helpers import TINY, launch, read, tiny_config
 
 import erw_fast.checkpoint as checkpoint_module
 from erw_fast.checkpoint import latest_checkpoint, load_checkpoint
@@ -14,28 +15,10 @@ from erw_fast.models import SiT
 from erw_fast.objectives import ERWLambdaSchedule
 from erw_fast.trainer import NonFiniteLossError, Trainer, main
 
-TINY = [
-    "run.device=cpu", "model.name=SiT-S/2", "model.input_size=8", "model.num_classes=4", "model.depth=4",
-    "model.hidden_size=32", "model.num_heads=2", "model.projector_dim=32", "encoder.names=[demo-vit-t]",
-    "encoder.pretrained=false", "alignment.encoder_depth=3", "alignment.backend=torch", "erw.warmup_steps=6",
-    "erw.warmup_depth=2", "erw.c0=2.0", "erw.half_life=4", "train.total_steps=14", "train.global_batch_size=8",
-    "train.precision=fp32", "data.num_samples=64", "data.image_size=64", "encoder.resolution=64", "logging.log_every=1",
-    "logging.progress=false", "logging.plot=false", "checkpoint.every=4", "checkpoint.keep_last=10",
-    "optim.lr=1e-3", "optim.ema_decay=0.9",
-]
-
-
-def tiny_config(tmp_path, name="run", *extra):
-    return load_config(None, [*TINY, f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
-
 
 def run(config, capsys=None):
     stats = Trainer(config).run()
     return stats
-
-
-def read(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_erw_run_switches_phase_and_reports_transfer(tmp_path, capsys):
@@ -264,25 +247,12 @@ def test_step_budget_stops_with_checkpoint_and_resumes(tmp_path):
     assert [r["loss"] for r in read(tmp_path / "pieces")] == [r["loss"] for r in read(reference.run_dir)]
 
 
-def _torchrun(tmp_path, name, *extra):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(repo / "train.py"), *TINY, f"run.output_dir={tmp_path}", f"run.name={name}", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 def test_torchrun_two_ranks_resume_matches_uninterrupted(tmp_path):
     """DDP over gloo, 2 ranks: each rank keeps its own RNG stream across a stop/resume."""
-    out = _torchrun(tmp_path, "ddp")
+    out = launch(tmp_path, "ddp")
     assert "global 8 = 2 device(s) × 4 per device" in out and "ERW transfer at step 6" in out
-    _torchrun(tmp_path, "ddp-pieces", "train.max_steps_per_run=9")
-    _torchrun(tmp_path, "ddp-pieces")
+    launch(tmp_path, "ddp-pieces", "train.max_steps_per_run=9")
+    launch(tmp_path, "ddp-pieces")
     whole, pieces = read(tmp_path / "ddp"), read(tmp_path / "ddp-pieces")
     assert [r["loss"] for r in pieces] == [r["loss"] for r in whole]
     state = load_checkpoint(latest_checkpoint(tmp_path / "ddp-pieces"))
