@@ -8,11 +8,14 @@ assert 1e-5 relative on losses and gradient norms and 2e-5 absolute on the expor
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from _trainer_helpers import launch, read, tiny_config
+from _trainer_helpers import REPO, launch, read, tiny_config
 
 from erw_fast.checkpoint import prune_engine_dirs
 from erw_fast.config import ConfigError, load_config
@@ -211,3 +214,44 @@ def test_step_randomness_does_not_depend_on_the_split():
     assert whole.t.min() >= 0 and whole.t.max() <= 1 and set(whole.drop_labels.tolist()) <= {0, 1}
     with pytest.raises(ValueError, match=r"rows \[6, 10\) outside the global batch 8"):
         r.draw(5, 6, 4)
+
+
+_NONFINITE_SCRIPT = """
+import sys, torch
+import erw_fast.trainer as T
+from _trainer_helpers import tiny_config
+real = T.diffusion_loss
+state = {"step": -1}
+def poisoned(*args, **kwargs):
+    out = real(*args, **kwargs)
+    if state["step"] == 8:
+        out.loss = out.loss * float("nan")
+    return out
+T.diffusion_loss = poisoned
+original = T.Trainer._step
+def step(self, step, batch):
+    state["step"] = step
+    before = self.engine.full_model_state(), self.engine.full_ema_state()
+    totals = original(self, step, batch)
+    after = self.engine.full_model_state(), self.engine.full_ema_state()
+    changed = any(not torch.equal(b[k], a[k]) for b, a in zip(before, after) for k in b)
+    assert changed == (step != 8), (step, changed)
+    return totals
+T.Trainer._step = step
+config = tiny_config(sys.argv[1], "nan", "engine.zero_stage=2", "train.precision=" + sys.argv[2])
+stats = T.Trainer(config, engine="deepspeed").run()
+assert stats["full"].skipped == 1, stats
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepspeed_skips_a_nonfinite_step(tmp_path, precision):
+    """A NaN loss at step 8: DeepSpeed's overflow check skips the update, the EMA is not touched, the run goes on."""
+
+    result = subprocess.run([sys.executable, "-c", _NONFINITE_SCRIPT, str(tmp_path), precision], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    records = read(tmp_path / "nan")
+    assert [r["step"] for r in records if r["skipped"]] == [9]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["step"] != 9)
