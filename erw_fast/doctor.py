@@ -284,6 +284,12 @@ def backend_report(cuda_available: bool) -> dict[str, dict[str, str]]:
         {"choice": "nccl", "why": "CUDA: NCCL collectives (also what DeepSpeed's launcher uses)"}
         if cuda_available else {"choice": "gloo", "why": "no CUDA: gloo collectives on CPU"}
     )
+    out["engine"] = (
+        {"choice": "DDP (torchrun) / DeepSpeed ZeRO-1 (deepspeed launcher)",
+         "why": "DeepSpeed importable: `deepspeed train.py` runs ZeRO (engine.zero_stage, default 1), torchrun DDP"}
+        if _module_available("deepspeed") else
+        {"choice": "DDP", "why": "DeepSpeed not importable: torchrun/python run DDP or one process"}
+    )
     return out
 
 

@@ -44,7 +44,8 @@ def test_report_on_cpu():
     assert report["cuda"]["available"] is False and report["cuda"]["device_count"] == 0
     assert report["gpus"]["devices"] == []
     b = report["backends"]
-    assert set(b) == {"attention", "alignment", "loader", "optimizer", "distributed"}
+    assert set(b) == {"attention", "alignment", "loader", "optimizer", "distributed", "engine"}
+    assert b["engine"]["choice"].startswith("DDP (torchrun) / DeepSpeed ZeRO-1")  # DeepSpeed is installed here
     assert b["alignment"]["choice"] == "torch"
     assert b["optimizer"]["choice"] == "AdamW (foreach)"
     assert b["distributed"]["choice"] == "gloo"

@@ -255,3 +255,20 @@ def test_deepspeed_skips_a_nonfinite_step(tmp_path, precision):
     records = read(tmp_path / "nan")
     assert [r["step"] for r in records if r["skipped"]] == [9]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["step"] != 9)
+
+
+def test_engine_benchmark_runs_every_engine(tmp_path):
+    """The single-device engine benchmark on a tiny model (speed is for GPU runs; here it must just work)."""
+    script = REPO / "benchmarks" / "bench_engines.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model", "SiT-S/2", "--batch", "4", "--steps", "1", "--warmup", "0",
+         "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path), "--tag", "smoke",
+         "--scratch", str(tmp_path / "runs"), "--override", "model.input_size=8", "model.depth=2",
+         "erw.warmup_depth=1", "alignment.encoder_depth=1",
+         "model.hidden_size=32", "model.num_heads=2", "model.projector_dim=32", "model.num_classes=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["engine"] for r in report["results"]] == ["ddp", "zero0", "zero1", "zero2"]
+    assert all(len(r["step_s"]) == 1 and r["median_step_s"] > 0 for r in report["results"])
+    assert "ZeRO-2 over 1 rank(s)" in report["results"][3]["describe"]
