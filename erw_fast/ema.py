@@ -28,8 +28,14 @@ class EMA:
         return [ema_state[k] for k in keys], [src_state[k] for k in keys]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self._ema_tensors, [t.detach() for t in self._src_tensors], 1.0 - self.decay)
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """One lerp over all tensors. ``applied`` (0-dim, 1 = the optimizer step was applied) makes a skipped step
+        leave the EMA untouched without reading the flag on the host."""
+        src = [t.detach() for t in self._src_tensors]
+        if applied is None:
+            torch._foreach_lerp_(self._ema_tensors, src, 1.0 - self.decay)
+        else:
+            torch._foreach_lerp_(self._ema_tensors, src, (1.0 - self.decay) * applied.to(torch.float32))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -148,6 +148,10 @@ class Trainer:
             interpolant=self.interpolant, time_weighting=config.diffusion.time_weighting, device=self.device)
         self.stats: dict[str, PhaseStats] = {}
         self.nonfinite_in_a_row = 0
+        # Device-side skip counters (no host sync in the step), read at logging steps and before checkpoints.
+        self._streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._skips = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._last_totals: dict[str, torch.Tensor] = {}
         self.model: nn.Module | None = None
 
     # --------------------------------------------------------------------------------------- setup
@@ -269,6 +273,7 @@ class Trainer:
         }
 
     def _save(self, step: int, tag: str | None = None) -> None:
+        self._check_nonfinite(step)
         rng = self._rng_states()  # collective: every rank takes part
         directory = self.run_dir / CHECKPOINT_SUBDIR
         engine_state = self.engine.checkpoint_state(directory, checkpoint_name(step, tag))  # collective too
@@ -299,6 +304,7 @@ class Trainer:
         self._enter_phase(phase, self._new_model(phase), resume_info=state.get("engine"))
         self.engine.load_checkpoint_state(state, source.parent)
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self._streak.fill_(self.nonfinite_in_a_row)
         for name, s in state["stats"].items():
             self.stats[name] = PhaseStats(name, s["steps"], s["images"], s["wall_s"], s["final_loss"], s["skipped"])
         rng = state["rng"]
@@ -358,7 +364,6 @@ class Trainer:
         return out.loss, parts
 
     def _step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        c = self.config
         lam = self.lam(step)
         totals: dict[str, torch.Tensor] = {}
         b = self.batch
@@ -372,22 +377,30 @@ class Trainer:
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0) + value.detach() / b.accumulation
         outcome = self.engine.step(totals["loss"])
-        if outcome.applied:
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.stats[self.phase.name].skipped += 1
-            if self.nonfinite_in_a_row >= c.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"step {step}: {self.nonfinite_in_a_row} non-finite steps in a row (loss "
-                    f"{totals['loss'].item()}, grad norm {outcome.grad_norm.item()}); aborting as configured by "
-                    f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}. The last good checkpoint is in "
-                    f"{self.run_dir / 'checkpoints'}"
-                )
+        skipped = ~torch.as_tensor(outcome.applied, device=self.device)
+        self._streak = (self._streak + 1) * skipped
+        self._skips += skipped
+        totals["skipped"] = skipped.float()
         totals["grad_norm"] = outcome.grad_norm
         totals["lambda"] = torch.tensor(lam if self.phase.aligns and self.phase.name != WARMUP else float("nan"))
-        totals["skipped"] = torch.tensor(0.0 if outcome.applied else 1.0)
+        self._last_totals = totals
         return totals
+
+    def _check_nonfinite(self, step: int) -> None:
+        """Fold the device-side skip counters into the stats (one host read) and abort after
+        train.max_nonfinite_steps non-finite steps in a row. Runs at logging steps, checkpoints and phase ends."""
+        streak, skips = torch.stack([self._streak, self._skips]).tolist()
+        self._skips.zero_()
+        self.stats[self.phase.name].skipped += skips
+        self.nonfinite_in_a_row = streak
+        limit = self.config.train.max_nonfinite_steps
+        if streak >= limit:
+            last = {k: float(self._last_totals[k]) for k in ("loss", "grad_norm") if k in self._last_totals}
+            raise NonFiniteLossError(
+                f"step {step}: {streak} non-finite steps in a row (last loss {last.get('loss')}, grad norm "
+                f"{last.get('grad_norm')}); aborting as configured by train.max_nonfinite_steps={limit}. The last "
+                f"good checkpoint is in {self.run_dir / 'checkpoints'}"
+            )
 
     # --------------------------------------------------------------------------------------- the run
 
@@ -492,6 +505,7 @@ class Trainer:
             stats.images += self.batch.global_batch
             window_images += self.batch.global_batch
             if step % c.logging.log_every == 0 or step == phase.end:
+                self._check_nonfinite(step)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - window_start

@@ -14,7 +14,9 @@ from torch import nn
 @dataclass
 class StepOutcome:
     grad_norm: torch.Tensor  # before clipping; inf/NaN when the step was skipped
-    applied: bool  # False: non-finite loss or gradients, nothing was updated
+    # False: non-finite loss or gradients, nothing was updated. A 0-dim bool tensor on the device when the engine
+    # decided without a host sync (the trainer reads it at logging steps only).
+    applied: bool | torch.Tensor
 
 
 class Engine(Protocol):

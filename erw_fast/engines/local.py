@@ -32,6 +32,8 @@ class LocalEngine:
         self.optimizer = self._optimizer()
         self.ema = EMA(model, config.optim.ema_decay)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.train.precision == "fp16")
+        # Skipping a non-finite step without a host sync needs the fused AdamW (found_inf) and no GradScaler.
+        self.sync_free = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.env.world_size == 1:
@@ -53,11 +55,12 @@ class LocalEngine:
         )
 
     def describe(self) -> str:
+        skip = "non-finite steps skipped on the device" if self.sync_free else "non-finite check on the host"
         if self.env.world_size == 1:
-            return "single process"
+            return f"single process ({skip})"
         e = self.config.engine
         return (f"DDP over {self.env.world_size} ranks (bucket {e.ddp_bucket_mb:g} MB, gradient_as_bucket_view "
-                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph})")
+                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph}; {skip})")
 
     # ------------------------------------------------------------------------------------------ the step
 
@@ -74,12 +77,20 @@ class LocalEngine:
         self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
-        # The one host sync of the step: deciding whether to skip a non-finite update.
-        applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if applied:
-            self.scaler.step(self.optimizer)
-            self.ema.update()
-        self.scaler.update()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.sync_free:
+            # The fused AdamW kernel reads found_inf on the device and skips the update (and the step count)
+            # itself; the EMA lerp is weighted by the same flag. Nothing waits for the GPU.
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.step()
+            self.ema.update(applied=finite)
+            applied: bool | torch.Tensor = finite
+        else:
+            applied = bool(finite)  # a host sync: GradScaler and the foreach AdamW decide on the host
+            if applied:
+                self.scaler.step(self.optimizer)
+                self.ema.update()
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(grad_norm.detach(), applied)
 
