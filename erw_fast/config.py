@@ -107,6 +107,9 @@ class TrainConfig:
     # cluster jobs.
     max_steps_per_run: int | None = None
     compile: bool = False
+    compile_scope: Literal["model", "blocks"] = "blocks"  # blocks: regional compilation of each SiT block
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: str = "inductor"  # e.g. aot_eager to debug a compile problem without codegen
 
 
 @dataclass

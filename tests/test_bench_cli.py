@@ -180,3 +180,16 @@ def test_reference_ema_matches_the_library_ema() -> None:
     bench._reference_ema(ref, model, 0.9)
     for a, b in zip(ema.model.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a, b)
+
+
+def test_train_bench_profile_writes_traces_with_step_regions(tmp_path: Path) -> None:
+    args = ["train", *TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--phases", "full",
+            "--compile", "on", "--out", str(tmp_path), "--name", "t", "--profile", str(tmp_path / "traces"),
+            "--profile-steps", "2"]
+    assert bench.main(args) == 0
+    [result] = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert result["variant"] == "fast+compile"
+    trace = json.loads(Path(result["trace"]).read_text())
+    names = [e.get("name", "") for e in trace["traceEvents"]]
+    for region in ("step", *bench.REGIONS):  # every region once per profiled step
+        assert names.count(f"full_fast+compile_b2/{region}") == 2, region

@@ -566,11 +566,32 @@ REGIONS = ("data", "encoder", "forward", "backward", "optimizer", "ema")
 
 class RegionTimer:
     """Region boundaries inside each step: CUDA events on GPU (read after one sync at the end, so timing never
-    serialises the step), perf_counter on CPU (where every op is synchronous anyway)."""
+    serialises the step), perf_counter on CPU (where every op is synchronous anyway).
 
-    def __init__(self, device: torch.device) -> None:
+    The regions also appear as named ranges in profiler traces (``record_function``) and in Nsight Systems (NVTX)
+    when ``ranges`` is on: a mark closes the current region's range and opens the next one's (REGIONS order)."""
+
+    def __init__(self, device: torch.device, ranges: bool = False, label: str = "") -> None:
         self.cuda = device.type == "cuda"
+        self.ranges = ranges
+        self.label = label
         self.steps: list[list[tuple[str, Any]]] = []
+        self._open: list[Any] = []
+
+    def _push(self, name: str) -> None:
+        if not self.ranges:
+            return
+        rf = torch.autograd.profiler.record_function(f"{self.label}{name}")
+        rf.__enter__()
+        self._open.append(rf)
+        if self.cuda:
+            torch.cuda.nvtx.range_push(f"{self.label}{name}")
+
+    def _pop(self) -> None:
+        if self._open:
+            self._open.pop().__exit__(None, None, None)
+            if self.cuda:
+                torch.cuda.nvtx.range_pop()
 
     def _now(self) -> Any:
         if self.cuda:
@@ -581,9 +602,17 @@ class RegionTimer:
 
     def start(self) -> None:
         self.steps.append([("start", self._now())])
+        self._push("step")
+        self._push(REGIONS[0])
 
     def mark(self, region: str) -> None:
         self.steps[-1].append((region, self._now()))
+        self._pop()
+        following = REGIONS.index(region) + 1
+        if following < len(REGIONS):
+            self._push(REGIONS[following])
+        else:
+            self._pop()  # the step range
 
     def results(self) -> list[dict[str, float]]:
         if self.cuda:
@@ -607,6 +636,10 @@ class TrainSettings:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: str = "off"  # off | on | both
+    compile_scope: str = "blocks"  # blocks (regional) | model
+    compile_mode: str = "default"
+    profile_dir: str | None = None  # write a Chrome trace of a few profiled steps per measurement here
+    profile_steps: int = 3
     attn_backend: str = "auto"
     alignment_backend: str = "auto"
     reference_step: bool = False
@@ -677,7 +710,12 @@ def _bench_variant(
     z_dims = work.z_dims()
     torch.manual_seed(s.seed)
     model = _build_model(phase, work, "sdpa" if reference else s.attn_backend, z_dims).to(device).train()
-    train_model = torch.compile(model) if variant == "fast+compile" else model
+    if variant == "fast+compile":
+        from erw_fast.compile import compile_model
+
+        train_model = compile_model(model, s.compile_scope, s.compile_mode)
+    else:
+        train_model = model
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
     if reference:  # torch's default AdamW (foreach on CUDA), fp16 autocast + GradScaler, per-parameter EMA
@@ -751,6 +789,7 @@ def _bench_variant(
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - started
     per_step = timer.results()
+    trace = _profile(step, s, device, f"{phase}_{variant}_b{batch}") if s.profile_dir else None
     step_times = [sum(r.values()) for r in per_step]
     flop = work.step_breakdown(phase, batch).training()
     median = statistics.median(step_times)
@@ -765,9 +804,27 @@ def _bench_variant(
         "mfu": achieved / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "final_loss": float(loss.float().cpu()),
+        "trace": trace,
         "raw": {"wall_s": wall, "step_times_s": step_times, "region_times_s": per_step},
     }
     return result
+
+
+def _profile(step: Any, s: TrainSettings, device: torch.device, name: str) -> str:
+    """A few more steps under torch.profiler, with the step regions as named ranges; returns the Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    timer = RegionTimer(device, ranges=True, label=f"{name}/")
+    with profile(activities=activities) as prof:
+        for _ in range(s.profile_steps):
+            step(timer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out = Path(s.profile_dir) / f"trace_{_slug(name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out))
+    return str(out)
 
 
 def _reference_loss(
@@ -913,6 +970,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         work=_workload(args), phases=[p.strip() for p in args.phases.split(",") if p.strip()], batches=args.batch,
         steps=args.steps, warmup=args.warmup, device=args.device, precision=args.precision, compile=args.compile,
+        compile_scope=args.compile_scope, compile_mode=args.compile_mode, profile_dir=args.profile,
+        profile_steps=args.profile_steps,
         attn_backend=attn_backend, alignment_backend=args.alignment_backend,
         reference_step=args.reference_step, seed=args.seed,
     )
@@ -964,6 +1023,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                        help="auto: bf16 on CUDA, fp32 on CPU")
     train.add_argument("--compile", choices=("off", "on", "both"), default="off", help="eager, compiled, or both")
+    train.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
+                       help="regional (each SiT block) or whole-model compilation")
+    train.add_argument("--compile-mode", default="default",
+                       choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    train.add_argument("--profile", default=None, metavar="DIR",
+                       help="also profile a few steps per measurement: Chrome traces with a range per step "
+                            "region (NVTX ranges on CUDA for Nsight Systems)")
+    train.add_argument("--profile-steps", type=int, default=3)
     train.add_argument("--attn-backend", default="auto", help="auto | sdpa | math | flash_attn | xformers")
     train.add_argument("--alignment-backend", choices=("auto", "torch", "triton"), default="auto")
     train.add_argument("--reference-step", action="store_true",

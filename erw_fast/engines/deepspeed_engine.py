@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from erw_fast.compile import compile_model, describe_compile
 from erw_fast.config import Config, ConfigError
 from erw_fast.engines.base import StepOutcome
 from erw_fast.engines.ds_config import build_deepspeed_config, load_user_json
@@ -83,12 +84,16 @@ class DeepSpeedEngine:
         self.universal = resume_info is not None and needs_universal(resume_info, env.world_size)
         if self.universal:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        t = config.train
+        if t.compile and t.compile_scope == "blocks":  # in place, before DeepSpeed wraps (or partitions) the model
+            compile_model(model, "blocks", t.compile_mode, t.compile_backend)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
         self.module: nn.Module = self.engine.module
         self.forward_module: nn.Module = self.engine
-        if config.train.compile:
-            self.engine.compile()
+        if t.compile and t.compile_scope == "model":
+            options = {"mode": None if t.compile_mode == "default" else t.compile_mode}
+            self.engine.compile(backend=t.compile_backend, compile_kwargs=options)
         self.zero_stage = int(self.engine.zero_optimization_stage())
         self.ema = ShardedEMA(self.module, config.optim.ema_decay)
         self._backwards = 0
@@ -101,8 +106,10 @@ class DeepSpeedEngine:
         opt = type(optimizer).__name__ + (f" over {type(inner).__name__}" if inner is not None else "")
         ema = (f"EMA sharded ({self.ema.local_numel:,} of the trained elements on this rank)" if self.ema.partitioned
                else "EMA replicated")
+        t = self.config.train
         return (f"DeepSpeed {deepspeed.__version__} ZeRO-{self.zero_stage} over {self.env.world_size} rank(s), "
-                f"precision {self.config.train.precision}, optimizer {opt}, {ema}")
+                f"precision {t.precision}, optimizer {opt}, {ema}, "
+                f"{describe_compile(t.compile, t.compile_scope, t.compile_mode, t.compile_backend)}")
 
     # ------------------------------------------------------------------------------------------ the step
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from erw_fast.compile import compile_model, describe_compile
 from erw_fast.config import Config
 from erw_fast.ema import EMA
 from erw_fast.engines.base import StepOutcome
@@ -27,7 +28,8 @@ class LocalEngine:
         self.accumulation = accumulation
         self.module = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # listed once, not every step
-        compiled = torch.compile(model) if config.train.compile else model
+        t = config.train
+        compiled = compile_model(model, t.compile_scope, t.compile_mode, t.compile_backend) if t.compile else model
         self.forward_module = self._wrap(compiled)
         self.optimizer = self._optimizer()
         self.ema = EMA(model, config.optim.ema_decay)
@@ -55,7 +57,9 @@ class LocalEngine:
         )
 
     def describe(self) -> str:
+        t = self.config.train
         skip = "non-finite steps skipped on the device" if self.sync_free else "non-finite check on the host"
+        skip += ", " + describe_compile(t.compile, t.compile_scope, t.compile_mode, t.compile_backend)
         if self.env.world_size == 1:
             return f"single process ({skip})"
         e = self.config.engine
