@@ -40,7 +40,8 @@ class ModelConfig:
     projector_dim: int = 2048
     qk_norm: bool = False
     use_rope: bool = False
-    attn_backend: str = "auto"
+    attn_backend: str = "auto"  # auto (sdpa) | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | math | flash_attn |
+    # xformers | measure (time them at this run's shape and take the fastest correct one)
     # Architecture overrides for custom sizes (depth, hidden_size, num_heads, patch_size, mlp_ratio).
     depth: int | None = None
     hidden_size: int | None = None

@@ -113,13 +113,14 @@ class PhaseStats:
     skipped: int = 0
 
 
-def model_kwargs(config: Config, z_dims: Sequence[int]) -> dict[str, Any]:
+def model_kwargs(config: Config, z_dims: Sequence[int], attn_backend: str | None = None) -> dict[str, Any]:
     m = config.model
     overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(m, k)}
     return sit_config(
         m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
         class_dropout_prob=m.class_dropout_prob, projector_dim=m.projector_dim, qk_norm=m.qk_norm,
-        use_rope=m.use_rope, attn_backend=m.attn_backend, mlp_ratio=m.mlp_ratio, z_dims=list(z_dims), **overrides,
+        use_rope=m.use_rope, attn_backend=attn_backend or m.attn_backend, mlp_ratio=m.mlp_ratio,
+        z_dims=list(z_dims), **overrides,
     )
 
 
@@ -153,6 +154,7 @@ class Trainer:
         self._skips = torch.zeros((), dtype=torch.int64, device=self.device)
         self._last_totals: dict[str, torch.Tensor] = {}
         self.model: nn.Module | None = None
+        self.attn_backend = config.model.attn_backend  # "measure" is resolved in run()
 
     # --------------------------------------------------------------------------------------- setup
 
@@ -209,11 +211,31 @@ class Trainer:
             self.log(f"encoder: {encoder!r}")
             check_token_count(encoder.num_patches(), sit_tokens, encoder.name)
 
+    def _resolve_attention(self) -> None:
+        """attn_backend=measure: time every available backend at this run's shape (micro-batch, heads, tokens,
+        head dim, dtype) and use the fastest correct one; rank 0 decides for all ranks."""
+        if self.attn_backend != "measure":
+            return
+        from erw_fast.models.attention_select import choose_attention_backend, measure_attention_backends, timing_table
+
+        kwargs = model_kwargs(self.config, [], attn_backend="math")
+        heads, hidden = kwargs["num_heads"], kwargs["hidden_size"]
+        tokens = (self.config.model.input_size // kwargs["patch_size"]) ** 2
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.config.train.precision]
+        timings = measure_attention_backends(self.batch.micro_batch, heads, tokens, hidden // heads, dtype,
+                                             self.device)
+        choice = [choose_attention_backend(timings)]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        self.attn_backend = choice[0]
+        self.log(f"attention measured at batch {self.batch.micro_batch} × {heads} heads × {tokens} tokens × head dim "
+                 f"{hidden // heads}, {dtype}:\n{timing_table(timings, self.attn_backend)}")
+
     def _z_dims(self) -> list[int]:
         return [int(e.embed_dim) for e in self.encoders]  # plain SiT: no projectors
 
     def _new_model(self, phase: Phase) -> nn.Module:
-        kwargs = model_kwargs(self.config, self._z_dims())
+        kwargs = model_kwargs(self.config, self._z_dims(), self.attn_backend)
         if phase.name == WARMUP:
             model = SiTPhase1(self.config.erw.warmup_depth, **kwargs)
         else:
@@ -433,6 +455,7 @@ class Trainer:
             f"({self.engine_reason})"
         )
         self._build_encoders()
+        self._resolve_attention()
 
         source = self._resume_source()
         if source is not None:

@@ -2,10 +2,13 @@
 
 Backends
 - ``sdpa`` (default): ``F.scaled_dot_product_attention``; torch picks flash / cuDNN / memory-efficient / math.
+- ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn`` (CUDA): SDPA pinned to one of its kernels.
 - ``math``: explicit softmax(q·kᵀ/√d)·v in the input dtype — the readable reference the others are tested against.
 - ``flash_attn``: Dao-AILab flash-attn (FA3 ``flash_attn_interface`` preferred over FA2), CUDA + bf16/fp16 only.
 - ``xformers``: ``xformers.ops.memory_efficient_attention``.
 Optional packages are detected at run time and never required; asking for a missing one is a clear error.
+``measure`` (resolved by the trainer, see ``attention_select``) times every available backend at the model's
+shape and takes the fastest one that agrees with ``math``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_BACKENDS = ("sdpa", "math", "flash_attn", "xformers")
+ATTENTION_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "math", "flash_attn", "xformers")
+_SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
 def _has_module(name: str) -> bool:
@@ -32,7 +37,8 @@ def available_attention_backends() -> dict[str, bool]:
     """Which backends can run in this environment (importable packages; flash-attn also needs CUDA)."""
     cuda = torch.cuda.is_available()
     flash = cuda and (_has_module("flash_attn_interface") or _has_module("flash_attn"))
-    return {"sdpa": True, "math": True, "flash_attn": flash, "xformers": _has_module("xformers")}
+    pinned = {name: cuda for name in _SDPA_PINNED}
+    return {"sdpa": True, **pinned, "math": True, "flash_attn": flash, "xformers": _has_module("xformers")}
 
 
 def resolve_attention_backend(name: str) -> str:
@@ -42,7 +48,8 @@ def resolve_attention_backend(name: str) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {('auto',) + ATTENTION_BACKENDS}")
     if not available_attention_backends()[name]:
-        hint = "pip install flash-attn (needs CUDA)" if name == "flash_attn" else "pip install xformers"
+        hint = {"flash_attn": "pip install flash-attn (needs CUDA)", "xformers": "pip install xformers"}.get(
+            name, "needs CUDA")
         raise RuntimeError(f"attention backend {name!r} was requested but is not available here ({hint})")
     return name
 
@@ -79,8 +86,19 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out.transpose(1, 2)
 
 
+def _pinned_sdpa(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, kernel)):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return attention
+
+
 _KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sdpa": F.scaled_dot_product_attention,
+    **{name: _pinned_sdpa(kernel) for name, kernel in _SDPA_PINNED.items()},
     "math": _math_attention,
     "flash_attn": _flash_attention,
     "xformers": _xformers_attention,
