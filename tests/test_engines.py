@@ -61,10 +61,15 @@ def test_ddp_two_ranks_matches_one_process(tmp_path, one_process):
     assert_same_run(tmp_path / "ddp", one_process)
 
 
-def test_zero1_torchrun_matches_one_process(tmp_path, one_process):
-    out = launch(tmp_path, "z1", "engine.kind=deepspeed", "engine.zero_stage=1")
+def test_zero1_torchrun_matches_one_process_and_resumes_on_one_rank(tmp_path, one_process):
+    args = ("engine.kind=deepspeed", "engine.zero_stage=1")
+    out = launch(tmp_path, "z1", *args, "train.max_steps_per_run=9")
     assert "ZeRO-1 over 2 rank(s)" in out and "EMA sharded" in out
+    shutil.copytree(tmp_path / "z1", tmp_path / "z1-on-one")
+    launch(tmp_path, "z1", *args)
+    assert "a universal checkpoint" in launch(tmp_path, "z1-on-one", *args, ranks=1)
     assert_same_run(tmp_path / "z1", one_process)
+    assert_same_run(tmp_path / "z1-on-one", one_process)
 
 
 def test_zero2_deepspeed_launcher_with_a_user_json(tmp_path, one_process):
