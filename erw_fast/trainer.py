@@ -571,7 +571,8 @@ class Trainer:
         self._save(step)
         export = c.checkpoint.export_reference and self.phase.name != WARMUP
         if export:  # gathered from every rank under ZeRO
-            model_state, ema_state = self.engine.full_model_state(), self.engine.full_ema_state()
+            model_state = self.engine.full_model_state(everywhere=False)
+            ema_state = self.engine.full_ema_state(everywhere=False)
         if self.env.is_main and export:
             paths = export_consolidated(model_state, ema_state, reference_args(c, self._z_dims()), step,
                                         self.run_dir / "reference")

@@ -162,8 +162,8 @@ class DeepSpeedEngine:
             out.update({n: b.detach().cpu().clone() for n, b in self.module.named_buffers()})
         return out
 
-    def full_ema_state(self) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict()
+    def full_ema_state(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict(everywhere)
 
     def ema_module(self) -> nn.Module:
         """A plain model holding the gathered EMA (every rank takes part), for sampling monitors."""
@@ -179,7 +179,7 @@ class DeepSpeedEngine:
         return {
             "engine": {"kind": self.kind, "dir": NATIVE_DIR, "tag": name, "zero_stage": self.zero_stage,
                        "world_size": self.env.world_size, "precision": self.config.train.precision},
-            "ema": self.ema.state_dict(),
+            "ema": self.ema.state_dict(everywhere=False),  # only rank 0 writes the state file
         }
 
     def load_checkpoint_state(self, state: dict[str, Any], directory: Path) -> None:

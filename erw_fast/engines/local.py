@@ -109,10 +109,10 @@ class LocalEngine:
     def ema_module(self) -> nn.Module:
         return self.ema.model
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
+    def full_model_state(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def full_ema_state(self) -> dict[str, torch.Tensor]:
+    def full_ema_state(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()
 
     def checkpoint_state(self, directory: Any, name: str) -> dict[str, Any]:

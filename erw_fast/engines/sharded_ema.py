@@ -61,6 +61,7 @@ class ShardedEMA:
         self.module = module
         self.group = group
         rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self._rank = rank
         self.fragments: list[_Fragment] = []
         for name, param in module.named_parameters():
             if not param.requires_grad:
@@ -84,24 +85,35 @@ class ShardedEMA:
 
     # ------------------------------------------------------------------------------------------ gather / load
 
-    def _gather(self, fragment: _Fragment) -> torch.Tensor:
+    def _gather(self, fragment: _Fragment, everywhere: bool) -> torch.Tensor | None:
         if not self.partitioned:
             return fragment.ema.view(fragment.shape).clone()
         device = fragment.ema.device if fragment.ema is not None else _device_of(fragment.param)
         full = torch.zeros(fragment.shape.numel(), dtype=torch.float32, device=device)
         if fragment.ema is not None:
             full.narrow(0, fragment.start, fragment.ema.numel()).copy_(fragment.ema)
-        dist.all_reduce(full, group=self.group)
-        return full.view(fragment.shape)
+        if everywhere:
+            dist.all_reduce(full, group=self.group)
+            return full.view(fragment.shape)
+        dist.reduce(full, dst=dist.get_global_rank(self.group, 0) if self.group is not None else 0, group=self.group)
+        return full.view(fragment.shape) if self._rank == 0 else None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole EMA (every rank takes part; every rank receives it), keyed like ``module.state_dict()``,
-        on the CPU. Frozen parameters and buffers are taken from the module."""
-        out = {f.name: self._gather(f).cpu() for f in self.fragments}
+    def state_dict(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
+        """The whole EMA, keyed like ``module.state_dict()``, on the CPU. Every rank takes part; every rank
+        receives it, or (``everywhere=False``) only rank 0 — the others get an empty dict, which spares their host
+        memory when only rank 0 writes. Frozen parameters and buffers are taken from the module."""
+        keep = everywhere or self._rank == 0
+        out = {}
+        for f in self.fragments:
+            full = self._gather(f, everywhere)
+            if keep:
+                out[f.name] = full.cpu()
         frozen = [(n, p) for n, p in self.module.named_parameters() if not p.requires_grad]
         with _gathered([p for _, p in frozen]):
-            out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
-        out.update({n: b.detach().cpu().clone() for n, b in self.module.named_buffers()})
+            if keep:
+                out.update({n: p.detach().float().cpu().clone() for n, p in frozen})
+        if keep:
+            out.update({n: b.detach().cpu().clone() for n, b in self.module.named_buffers()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
