@@ -548,9 +548,11 @@ class Trainer:
             if self._steps_left is not None:
                 self._steps_left -= 1
             if self.phase.name != WARMUP and self.monitor.due(step):
-                result = self.monitor(step, self.engine.ema_module(), self.encoders)
-                if result:
-                    self.log(f"monitor at step {step}: {result}")
+                ema_model = self.engine.ema_module()  # every rank takes part (a gather under ZeRO)
+                if self.env.is_main:  # one writer for the sample grids and monitor.jsonl
+                    result = self.monitor(step, ema_model, self.encoders)
+                    if result:
+                        self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:
                 self._save(step)
         if progress is not None:
