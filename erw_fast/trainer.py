@@ -8,6 +8,7 @@ Phase-1 weights are transferred automatically and the Phase-1 optimizer state is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -637,8 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.deepspeed_config:
             overrides.append(f"engine.deepspeed_config={args.deepspeed_config}")
         config = load_config(args.config, overrides)
-        engine, reason = select_engine(config, deepspeed_flag=args.deepspeed,
-                                       deepspeed_launcher=args.local_rank is not None)
+        # The deepspeed launcher passes --local_rank (unless --no_local_rank) and always sets CROSS_RANK.
+        launched_by_deepspeed = args.local_rank is not None or "CROSS_RANK" in os.environ
+        engine, reason = select_engine(config, deepspeed_flag=args.deepspeed, deepspeed_launcher=launched_by_deepspeed)
         trainer = Trainer(config, engine=engine, engine_reason=reason)
         trainer.run()
     except ConfigError as error:
