@@ -72,12 +72,14 @@ def test_zero1_torchrun_matches_one_process_and_resumes_on_one_rank(tmp_path, on
     assert_same_run(tmp_path / "z1-on-one", one_process)
 
 
-def test_zero2_deepspeed_launcher_with_a_user_json(tmp_path, one_process):
+def test_zero2_deepspeed_launcher_with_a_user_json_and_accumulation(tmp_path, one_process):
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {
         "stage": 2, "reduce_bucket_size": 500_000, "allgather_bucket_size": 500_000}}))
-    out = launch(tmp_path, "z2", launcher="deepspeed", flags=["--deepspeed_config", str(ds_json)])
+    out = launch(tmp_path, "z2", "train.micro_batch_size=2", launcher="deepspeed",
+                 flags=["--deepspeed_config", str(ds_json)])
     assert "engine deepspeed (a DeepSpeed config was given" in out and "ZeRO-2 over 2 rank(s)" in out
+    assert "4 per device = 2 per micro-batch × 2 accumulation step(s)" in out  # DeepSpeed's accumulation too
     assert_same_run(tmp_path / "z2", one_process)
 
 
