@@ -644,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(config, engine=engine, engine_reason=reason)
         trainer.run()
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same problem; say it once
+            print(f"config error: {error}", file=sys.stderr)
         return 2
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from _trainer_helpers import REPO, launch, read, tiny_config
+from _trainer_helpers import REPO, TINY, launch, read, tiny_config
 
 from erw_fast.checkpoint import prune_engine_dirs
 from erw_fast.config import ConfigError, load_config
@@ -279,3 +279,12 @@ def test_engine_benchmark_runs_every_engine(tmp_path):
     assert [r["engine"] for r in report["results"]] == ["ddp", "zero0", "zero1", "zero2"]
     assert all(len(r["step_s"]) == 1 and r["median_step_s"] > 0 for r in report["results"])
     assert "ZeRO-2 over 1 rank(s)" in report["results"][3]["describe"]
+
+
+def test_resume_under_another_zero_stage_is_a_clear_error(tmp_path):
+    launch(tmp_path, "stage", "engine.kind=deepspeed", "engine.zero_stage=2", "train.max_steps_per_run=3", ranks=1)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *TINY, f"run.output_dir={tmp_path}", "run.name=stage",
+         "engine.kind=deepspeed", "engine.zero_stage=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "written with ZeRO-2 and this run is configured for ZeRO-3: resume with engine.zero_stage=2" in result.stderr

@@ -81,6 +81,13 @@ class DeepSpeedEngine:
         self.ds_config = build_deepspeed_config(config, global_batch=global_batch, micro_batch=micro_batch,
                                                 accumulation=accumulation, device=env.device, user=user,
                                                 user_source=source)
+        stage = self.ds_config["zero_optimization"]["stage"]
+        if resume_info is not None and resume_info["zero_stage"] != stage:
+            # DeepSpeed 0.19's universal checkpoints do not load across stages (a ZeRO-2 one into ZeRO-3 fails).
+            raise ConfigError(
+                f"the checkpoint was written with ZeRO-{resume_info['zero_stage']} and this run is configured for "
+                f"ZeRO-{stage}: resume with engine.zero_stage={resume_info['zero_stage']} (on any number of ranks), or "
+                f"`erw-export` it and start a new run from the export with checkpoint.init_from_reference")
         self.universal = resume_info is not None and needs_universal(resume_info, env.world_size)
         if self.universal:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
