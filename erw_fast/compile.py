@@ -28,7 +28,7 @@ def compile_model(model: nn.Module, scope: str = "blocks", mode: str = "default"
     if scope == "model":
         return torch.compile(model, **options)
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+    if not isinstance(blocks, nn.ModuleList | nn.Sequential) or len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no `blocks` to compile regionally; use scope 'model'")
     for block in blocks:
         block.compile(**options)

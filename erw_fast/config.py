@@ -56,6 +56,10 @@ class EncoderConfig:
     pretrained: bool = True
     weights_paths: list[str] = field(default_factory=list)  # one local file per encoder, or empty
     resolution: int = 256  # image resolution the encoder sees (before its own resize)
+    # The frozen teacher's weights: fp32 as the reference (under the run's autocast), or bf16 (half the memory and
+    # weight traffic; the forward is in bf16 either way under bf16 autocast).
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # regional torch.compile of the teacher's blocks (train.compile_mode/_backend)
 
 
 @dataclass

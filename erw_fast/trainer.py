@@ -205,7 +205,14 @@ class Trainer:
             self.encoders = load_encoders(
                 enc.names, resolution=enc.resolution, pretrained=enc.pretrained,
                 weights_paths=enc.weights_paths or None, device=self.device,
+                dtype=torch.bfloat16 if enc.dtype == "bf16" else torch.float32,
             )
+        if enc.compile:
+            from erw_fast.compile import compile_model
+
+            t = self.config.train
+            for encoder in self.encoders:
+                compile_model(encoder.model, "blocks", t.compile_mode, t.compile_backend)
         sit_tokens = (self.config.model.input_size // (self.config.model.patch_size or
                                                         parse_model_name(self.config.model.name)[1])) ** 2
         for encoder in self.encoders:

@@ -378,3 +378,22 @@ def test_regional_compile_keeps_state_dict_keys():
     assert compile_model(model, "blocks", backend="aot_eager") is model and list(model.state_dict()) == keys
     with pytest.raises(ValueError, match="unknown compile scope 'layers'"):
         compile_model(model, "layers")
+
+
+def test_teacher_in_bf16_and_compiled(tmp_path):
+    """encoder.dtype=bf16 keeps the teacher's weights in bf16; encoder.compile compiles its blocks (aot_eager here)
+    and computes what eager computes."""
+    base = tiny_config(tmp_path, "teacher", "train.total_steps=7", "train.precision=bf16")
+    eager = Trainer(base)
+    eager._build_encoders()
+    other = tiny_config(tmp_path, "teacher2", "train.total_steps=7", "train.precision=bf16", "encoder.dtype=bf16",
+                        "encoder.compile=true", "train.compile_backend=aot_eager")
+    compiled = Trainer(other)
+    compiled._build_encoders()
+    [teacher] = compiled.encoders
+    assert next(teacher.model.parameters()).dtype == torch.bfloat16
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, features = eager.encoders[0](images).float(), teacher(images).float()
+    torch.testing.assert_close(features, reference, rtol=0.05, atol=0.05)
+    run(other)  # and a short run trains with it
