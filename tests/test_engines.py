@@ -126,6 +126,9 @@ def test_generated_config_follows_the_run_config():
     assert ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert ds["zero_optimization"]["stage"] == 1  # the default for one node (README)
+    assert ds["optimizer"]["params"]["foreach"] is True  # optim.implementation auto on CPU
+    cuda = _ds(config, device=torch.device("cuda", 0))
+    assert cuda["optimizer"]["params"]["fused"] is True and cuda["zero_optimization"]["overlap_comm"] is True
     assert _ds(_config("engine.zero_stage=3"))["zero_optimization"]["stage"] == 3
 
 

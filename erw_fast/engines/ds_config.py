@@ -51,9 +51,9 @@ def generated_config(config: Config, *, global_batch: int, micro_batch: int, acc
         "fp16": {"enabled": precision == "fp16"},
         "optimizer": {
             "type": "AdamW",
+            # torch's AdamW on DeepSpeed's flat fp32 partitions: no JIT-built op, and torch's fused kernel on CUDA.
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       # torch's AdamW: no JIT-built op, and the fused CUDA kernel where it exists
-                       "torch_adam": True},
+                       "torch_adam": True, **_implementation(o.implementation, device)},
         },
         "zero_optimization": {"stage": zero_stage},
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own step prints are noise
@@ -80,6 +80,12 @@ def generated_config(config: Config, *, global_batch: int, micro_batch: int, acc
         "zero_optimization.stage": "engine.zero_stage",
     }
     return ds, sources
+
+
+def _implementation(choice: str, device: torch.device) -> dict[str, bool]:
+    if choice == "auto":
+        choice = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": True} if choice == "fused" else {"foreach": True}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
