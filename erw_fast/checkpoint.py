@@ -440,6 +440,11 @@ def import_reference_checkpoint(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(raw).__qualname__}")
 
+    if isinstance(raw.get("engine"), dict) and raw["engine"].get("kind") == "deepspeed":
+        # A DeepSpeed-engine trainer checkpoint: the raw weights live in DeepSpeed's files beside it.
+        from erw_fast.engines.deepspeed_files import read_deepspeed_weights
+
+        raw = {**raw, "model": read_deepspeed_weights(path, raw)}
     if "model" in raw or "ema" in raw:
         model, ema = raw.get("model"), raw.get("ema")
         for name, sd in (("model", model), ("ema", ema)):

@@ -102,6 +102,12 @@ def test_zero3_saves_on_two_ranks_and_resumes_on_two_and_on_one(tmp_path, one_pr
     for part in ("model", "ema"):
         assert set(offline[part]) == set(in_run[part])
         assert all(torch.equal(offline[part][k], in_run[part][k]) for k in in_run[part])
+    # erw-sample/erw-eval read a DeepSpeed trainer checkpoint's raw weights from DeepSpeed's files, not its EMA
+    from erw_fast.checkpoint import import_reference_checkpoint
+
+    imported = import_reference_checkpoint(tmp_path / "z3" / "checkpoints" / "step_0000014.pt")
+    assert all(torch.equal(imported["model"][k], in_run["model"][k]) for k in in_run["model"])
+    assert not all(torch.equal(imported["model"][k], imported["ema"][k]) for k in in_run["model"])
 
 
 # ------------------------------------------------------------------------------------------ the DeepSpeed JSON

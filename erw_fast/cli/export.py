@@ -8,27 +8,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from erw_fast.checkpoint import load_checkpoint
 from erw_fast.cli import run_cli
 from erw_fast.config import config_from_dict
-
-
-def consolidated_weights(path: Path, state: dict) -> dict[str, torch.Tensor]:
-    """The fp32 model weights of a checkpoint, whatever engine wrote it."""
-    info = state.get("engine", {"kind": "ddp"})
-    if info["kind"] != "deepspeed":
-        return state["model"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    native = path.parent / info["dir"]
-    if not (native / info["tag"]).is_dir():
-        raise FileNotFoundError(f"{path} points at DeepSpeed files {native / info['tag']}, which are missing")
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(native), tag=info["tag"])
-    # zero_to_fp32 leaves out frozen parameters (e.g. the fixed positional embedding): take them from the EMA,
-    # which equals them exactly since they never change.
-    return {k: weights[k] if k in weights else state["ema"][k] for k in state["ema"]}
+from erw_fast.engines.deepspeed_files import read_deepspeed_weights
 
 
 def export(path: Path, out_dir: Path | None) -> list[Path]:
@@ -36,7 +19,9 @@ def export(path: Path, out_dir: Path | None) -> list[Path]:
 
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    model = {k: v.float() if v.is_floating_point() else v for k, v in consolidated_weights(path, state).items()}
+    weights = read_deepspeed_weights(path, state) if "engine" in state and state["engine"]["kind"] == "deepspeed" \
+        else state["model"]
+    model = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     z_dims = [model[k].shape[0] for k in sorted(model) if k.startswith("projectors.") and k.endswith(".4.weight")]
     out_dir = out_dir or path.parent.parent / "reference"
     return export_consolidated(model, state["ema"], reference_args(config, z_dims), int(state["step"]), out_dir)
