@@ -226,8 +226,10 @@ def cpu_seconds() -> float:
     return total
 
 
-def measure(next_batch, batch: int, seconds: float, repeats: int, warmup: int = 2) -> list[dict[str, float]]:
-    """Wall time and CPU time (all processes of the loader) per repeat; CPU time is robust to other load."""
+def measure(next_batch, batch: int, seconds: float, repeats: int, warmup: int = 2,
+            sync: bool = False) -> list[dict[str, float]]:
+    """Wall time and CPU time (all processes of the loader) per repeat; CPU time is robust to other load.
+    ``sync``: wait for the GPU after each batch, so GPU decoding is inside the measured time."""
     for _ in range(warmup):
         next_batch()
     runs = []
@@ -235,6 +237,8 @@ def measure(next_batch, batch: int, seconds: float, repeats: int, warmup: int = 
         n, c0, t0 = 0, cpu_seconds(), time.perf_counter()
         while True:
             next_batch()
+            if sync:
+                torch.cuda.synchronize()
             n += 1
             dt = time.perf_counter() - t0
             if dt >= seconds and n >= 3:
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="0,2", help="comma-separated worker counts")
     p.add_argument("--out", help="default: benchmarks/results (with --quick: the data directory)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (not a measurement)")
+    p.add_argument("--device", default="cpu",
+                   help="the loaders' target device: cuda makes DALI decode on the GPU (nvJPEG, device='mixed') and "
+                        "the webdataset loader copy pinned batches; batches are synchronised before each timing ends")
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.per_shard, args.batch, args.seconds, args.repeats = 64, 16, 16, 0.05, 1
@@ -262,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         args.out = args.data if args.quick else str(Path(__file__).resolve().parent / "results")
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     root = Path(args.data)
     info = generate(root, args.num_samples, args.per_shard)
     sizes = info["bytes_per_sample"]
@@ -308,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             loader = build_loader(case["loader"], str(root / case["dataset"]), global_batch_size=args.batch, seed=0,
                                   image_size=SIZE, num_workers=w, images=case["images"], features=case["features"],
-                                  dali_threads=max(1, w), verify="none")
+                                  dali_threads=max(1, w), verify="none", device=device)
             step, closer = loader.next_host, loader.close
-        runs = measure(step, args.batch, args.seconds, args.repeats)
+            case["decode"] = ("GPU (DALI mixed)" if device.type == "cuda" and case["loader"] == "dali" and
+                              case["images"] else "CPU")
+        runs = measure(step, args.batch, args.seconds, args.repeats, sync=device.type == "cuda")
         if closer:
             closer()
         case["runs"] = runs
@@ -332,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                      "features": f"float16 {FEATURES}", "seconds_per_repeat": args.seconds, "repeats": args.repeats,
                      "workers": workers, "torch_threads": 1,
                      "page_cache": "warm (each case's files are read once right before it is measured)",
-                     "quick": args.quick, "excluded": "latent sampling (on the GPU in training)"},
+                     "quick": args.quick, "excluded": "latent sampling (on the GPU in training)",
+                     "device": str(device),
+                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "bytes_per_sample": sizes,
         "cases": [{k: v for k, v in c.items() if k not in ("images", "image", "features", "dataset")} | {
             "images": c.get("images", c.get("image")), "features": c["features"]} for c in cases],
@@ -340,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "loader_quick" if args.quick else f"loader_{socket.gethostname().split('.')[0]}"
+    if device.type == "cuda" and not args.quick:
+        stem += "_gpu"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
     print(f"wrote {out / stem}.json and .md", file=sys.stderr)
@@ -396,7 +410,8 @@ def markdown(report: dict[str, Any]) -> str:
         "loader's processes (main + workers): throughput per CPU core, insensitive to other load on the machine; "
         "the ratio column compares it with the per-file layout in the same mode and worker count. "
         "load avg: the 1-minute load average at the end of the case (this benchmark's own processes included; "
-        "the machine has 2 logical CPUs).",
+        f"the machine has {report['machine']['logical_cpus']} logical CPUs). Device: {st.get('device', 'cpu')}"
+        + (f" ({st['gpu']}; image decode as the loader column says)" if st.get("gpu") else "") + ".",
         "",
         "| layout | loader | mode | workers | samples/s | MB/s | per worker (samples/s) | samples per CPU-s "
         "| vs per-file (per CPU-s) | load avg |",
@@ -406,7 +421,8 @@ def markdown(report: dict[str, Any]) -> str:
         r = ref.get((c["mode"], c["workers"]))
         ratio = f"{c['samples_per_cpu_s'] / r:.1f}×" if r and not c["layout"].startswith("per-file") else ""
         load = max(run["loadavg_1min"] for run in c["runs"])
-        lines.append(f"| {c['layout']} | {c['loader']} | {c['mode']} | {c['workers']} | {c['samples_per_s']:,.0f} | "
+        loader = c["loader"] + (" (GPU decode)" if c.get("decode", "CPU") != "CPU" else "")
+        lines.append(f"| {c['layout']} | {loader} | {c['mode']} | {c['workers']} | {c['samples_per_s']:,.0f} | "
                      f"{c['mb_per_s']:,.1f} | {c['samples_per_s_per_worker']:,.0f} | {c['samples_per_cpu_s']:,.0f} | "
                      f"{ratio} | {load:.2f} |")
     b = report["bytes_per_sample"]

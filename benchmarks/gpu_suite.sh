@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues wait for, in stages that each fit one device call (< 10 min).
+#
+#   bash benchmarks/gpu_suite.sh kernels   # #4: Triton NT-Xent / cosine vs PyTorch (+ correctness preamble)
+#   bash benchmarks/gpu_suite.sh train     # #7: erw-bench train (eager / regional compile / reference step),
+#                                          #     a profiled step, and the cost report with measured seconds
+#   bash benchmarks/gpu_suite.sh engines   # #6: single-GPU step time, DDP engine vs DeepSpeed ZeRO-0/1/2
+#
+# Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results. Every stage
+# writes JSON with the device, versions, settings and raw timings next to a markdown table. The `engines` stage
+# needs DeepSpeed (and hjson, pydantic) importable: see benchmarks/README_GPU.md for carrying them as wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST="${OUT:-benchmarks/results}"
+mkdir -p "$DEST"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+PY="${PYTHON:-python3}"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv | tee "$DEST/gpu.csv"
+
+case "${1:-}" in
+  kernels)
+    timeout 540 "$PY" benchmarks/bench_alignment.py --out "$DEST" --reps 50 --warmup 10
+    ;;
+  train)
+    timeout 420 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 64 --phases warmup,full \
+      --compile both --reference-step --out "$DEST" --name train_h100_xl2
+    timeout 120 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases full --steps 3 \
+      --warmup 3 --compile on --profile "$DEST" --profile-steps 2 --out "$DEST" --name train_profile
+    timeout 60 "$PY" -m erw_fast.cli.bench cost --measure --measure-batch 32 --out "$DEST" --name cost_measured
+    ;;
+  engines)
+    timeout 540 "$PY" benchmarks/bench_engines.py --model SiT-XL/2 --batch 32 --precision bf16 --out "$DEST" \
+      --tag engines_gpu --scratch /tmp/bench_engines
+    ;;
+  *)
+    echo "usage: $0 kernels|train|engines" >&2
+    exit 2
+    ;;
+esac
