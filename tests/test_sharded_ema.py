@@ -1,0 +1,46 @@
+"""ShardedEMA without partitioning (one process, no DeepSpeed): it must be the plain EMA, with the same state-dict
+layout; the partitioned cases are compared with one process in tests/test_engines.py (ZeRO-1/2/3, 2 ranks)."""
+
+import pytest
+import torch
+
+from erw_fast.ema import EMA
+from erw_fast.engines.sharded_ema import ShardedEMA
+
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)  # a frozen parameter: its EMA is its value
+    model.register_buffer("scale", torch.tensor(2.0))
+    return model
+
+
+def test_unpartitioned_sharded_ema_is_the_plain_ema():
+    model = _model()
+    sharded, plain = ShardedEMA(model, 0.9), EMA(model, 0.9)
+    assert not sharded.partitioned and sharded.local_numel == sum(p.numel() for p in model.parameters()
+                                                                  if p.requires_grad)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        sharded.update()
+        plain.update()
+    ours, reference = sharded.state_dict(), plain.state_dict()
+    assert list(ours) != [] and set(ours) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-7, msg=key)
+
+
+def test_loading_checks_names_and_shapes():
+    model = _model()
+    ema = ShardedEMA(model, 0.5)
+    state = {k: v + 1 for k, v in ema.state_dict().items()}
+    ema.load_state_dict(state)
+    torch.testing.assert_close(ema.state_dict()["0.weight"], state["0.weight"])
+    with pytest.raises(KeyError, match="lacks 1 trained parameter"):
+        ema.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
+    with pytest.raises(ValueError, match=r"EMA 0.weight: shape \(3, 4\) != parameter \(4, 3\)"):
+        ema.load_state_dict({**state, "0.weight": torch.zeros(3, 4)})
