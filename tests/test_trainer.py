@@ -397,3 +397,24 @@ def test_teacher_in_bf16_and_compiled(tmp_path):
         reference, features = eager.encoders[0](images).float(), teacher(images).float()
     torch.testing.assert_close(features, reference, rtol=0.05, atol=0.05)
     run(other)  # and a short run trains with it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_training_step_never_syncs_with_the_host_on_cuda(tmp_path, monkeypatch):
+    """bf16 + fused AdamW: the whole step (noise draw, teacher, loss, backward, clip, non-finite skip, optimizer,
+    EMA) runs without a host sync; torch's sync debug mode turns any into an error."""
+    original = Trainer._step
+
+    def step(self, step, batch):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(self, step, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    config = tiny_config(tmp_path, "cuda", "run.device=cuda", "train.precision=bf16", "optim.implementation=fused",
+                         "logging.log_every=100", "train.total_steps=8", "checkpoint.every=100")
+    stats = run(config)
+    assert stats["full"].steps == 2 and stats["full"].skipped == 0
