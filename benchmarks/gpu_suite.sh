@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh train     # #7: erw-bench train (eager / regional compile / reference step),
 #                                          #     a profiled step, and the cost report with measured seconds
 #   bash benchmarks/gpu_suite.sh engines   # #6: single-GPU step time, DDP engine vs DeepSpeed ZeRO-0/1/2
+#   bash benchmarks/gpu_suite.sh tests     # the CUDA-only tests (no host sync in the step, GPU bench, checkpoints)
 #
 # Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results. Every stage
 # writes JSON with the device, versions, settings and raw timings next to a markdown table. The `engines` stage
@@ -32,8 +33,14 @@ case "${1:-}" in
     timeout 540 "$PY" benchmarks/bench_engines.py --model SiT-XL/2 --batch 32 --precision bf16 --out "$DEST" \
       --tag engines_gpu --scratch /tmp/bench_engines
     ;;
+  tests)
+    timeout 540 "$PY" -m pytest -q -rs -p no:cacheprovider \
+      "tests/test_trainer.py::test_the_training_step_never_syncs_with_the_host_on_cuda" \
+      "tests/test_bench_cli.py::test_train_bench_on_gpu_reports_mfu_and_memory" \
+      tests/test_checkpoint.py tests/test_kernels_nt_xent.py tests/test_kernels_cosine.py 2>&1 | tee "$DEST/gpu_tests.log"
+    ;;
   *)
-    echo "usage: $0 kernels|train|engines" >&2
+    echo "usage: $0 kernels|train|engines|tests" >&2
     exit 2
     ;;
 esac
