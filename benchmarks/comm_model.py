@@ -321,7 +321,7 @@ def recommendation(model: dict[str, Any]) -> str:
              f"{_pct(bounds(hw, 'zero1')[1], bounds(hw, 'ddp')[1])}" for hw in hws]
     if zero1_wins:
         head = ("**Default for one node: ZeRO-1 — AdamW, clipping and EMA sharded over the 8 GPUs — with the "
-                "parameter all-gather in bf16; plain DDP (what the trainer runs today) until that engine lands.** "
+                "parameter all-gather in bf16 (`deepspeed train.py`: DeepSpeed bf16 + `engine.zero_stage` 1).** "
                 "It is faster than DDP in both overlap bounds on every node type: step time "
                 + "; ".join(gains) + " (perfect overlap / no overlap).")
     else:
@@ -353,9 +353,9 @@ def recommendation(model: dict[str, Any]) -> str:
         f"{_ms(z1['bf16']['step_s'])} ms on H100) and behind ZeRO-1 without overlap "
         f"({_ms(z3['bf16']['step_no_overlap_s'])} vs {_ms(z1['bf16']['step_no_overlap_s'])} ms); its per-layer "
         "gather latency and hook overhead are not modelled. Not for a model that fits.",
-        f"- A free step for DDP meanwhile: keep the EMA sharded by rank (gathered only for checkpoints and sampling). "
-        f"Each rank then averages Ψ/8 instead of Ψ, {_ms(ema_saving)} ms less per step on H100, with no per-step "
-        "communication.",
+        f"- For DDP (`torchrun`) the trainer keeps the EMA sharded by rank (`engine.ddp_shard_ema`, gathered only for "
+        f"checkpoints and sampling): each rank averages Ψ/8 instead of Ψ, {_ms(ema_saving)} ms less per step on "
+        "H100, with no per-step communication.",
     ]
     d64, z64 = _find(model, "full", "H100", 64, "ddp"), _find(model, "full", "H100", 64, "zero1")
     lines += [

@@ -180,6 +180,8 @@ class EngineConfig:
     ddp_bucket_mb: float = 25.0
     ddp_static_graph: bool = False
     ddp_gradient_as_bucket_view: bool = True
+    # Each rank keeps the EMA of only its share of the tensors (assembled for checkpoints/export/monitors).
+    ddp_shard_ema: bool = True
 
 
 @dataclass

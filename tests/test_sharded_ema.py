@@ -44,3 +44,14 @@ def test_loading_checks_names_and_shapes():
         ema.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
     with pytest.raises(ValueError, match=r"EMA 0.weight: shape \(3, 4\) != parameter \(4, 3\)"):
         ema.load_state_dict({**state, "0.weight": torch.zeros(3, 4)})
+
+
+def test_rank_owners_balance_the_elements():
+    from erw_fast.engines.rank_sharded_ema import assign_owners
+
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 40, "e": 10, "f": 10}
+    owners = assign_owners(sizes, 2)
+    load = [sum(n for k, n in sizes.items() if owners[k] == r) for r in range(2)]
+    assert set(owners) == set(sizes) and sorted(load) == [130, 140]  # largest first: 100+40 vs 60+50+10+10
+    assert assign_owners(sizes, 1) == dict.fromkeys(sizes, 0)
+    assert len(set(assign_owners(sizes, 8).values())) == 6  # more ranks than tensors: some own nothing

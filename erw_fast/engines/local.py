@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from erw_fast.compile import compile_model, describe_compile
 from erw_fast.config import Config
 from erw_fast.ema import EMA
 from erw_fast.engines.base import StepOutcome
+from erw_fast.engines.rank_sharded_ema import RankShardedEMA
 from erw_fast.runtime import DistEnv
 
 
@@ -32,7 +34,10 @@ class LocalEngine:
         compiled = compile_model(model, t.compile_scope, t.compile_mode, t.compile_backend) if t.compile else model
         self.forward_module = self._wrap(compiled)
         self.optimizer = self._optimizer()
-        self.ema = EMA(model, config.optim.ema_decay)
+        decay = config.optim.ema_decay
+        self.ema_sharded = env.world_size > 1 and config.engine.ddp_shard_ema
+        self.ema = RankShardedEMA(model, decay, env.rank, env.world_size) if self.ema_sharded else EMA(model, decay)
+        self._ema_shell: nn.Module | None = None
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.train.precision == "fp16")
         # Skipping a non-finite step without a host sync needs the fused AdamW (found_inf) and no GradScaler.
         self.sync_free = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
@@ -63,8 +68,10 @@ class LocalEngine:
         if self.env.world_size == 1:
             return f"single process ({skip})"
         e = self.config.engine
+        ema = (f"EMA sharded by rank ({self.ema.local_numel:,} elements here)" if self.ema_sharded
+               else "EMA replicated")
         return (f"DDP over {self.env.world_size} ranks (bucket {e.ddp_bucket_mb:g} MB, gradient_as_bucket_view "
-                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph}; {skip})")
+                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph}; {ema}; {skip})")
 
     # ------------------------------------------------------------------------------------------ the step
 
@@ -107,19 +114,24 @@ class LocalEngine:
     # ------------------------------------------------------------------------------------------ state
 
     def ema_module(self) -> nn.Module:
-        return self.ema.model
+        if not self.ema_sharded:
+            return self.ema.model
+        if self._ema_shell is None:  # built on first use: only the (opt-in) monitors need a whole EMA model
+            self._ema_shell = copy.deepcopy(self.module).eval().requires_grad_(False)
+        self._ema_shell.load_state_dict(self.ema.state_dict(), strict=True)  # every rank takes part
+        return self._ema_shell
 
     def full_model_state(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
     def full_ema_state(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict()
+        return self.ema.state_dict(everywhere) if self.ema_sharded else self.ema.state_dict()
 
     def checkpoint_state(self, directory: Any, name: str) -> dict[str, Any]:
         return {
             "engine": {"kind": self.kind},
             "model": self.module.state_dict(),
-            "ema": self.ema.state_dict(),
+            "ema": self.full_ema_state(everywhere=False),  # only rank 0 writes the state file
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
         }
