@@ -8,6 +8,7 @@ Phase-1 weights are transferred automatically and the Phase-1 optimizer state is
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -275,6 +276,12 @@ class Trainer:
             f"{self.alignment.objective}/{self.alignment.backend if phase.aligns else '-'}"
         )
         self.log(f"engine: {self.engine.describe()} ({self.engine_reason}; built in {self.engine_build_s:.2f}s)")
+        ds_config = getattr(self.engine, "ds_config", None)
+        if ds_config is not None and self.env.is_main:  # what DeepSpeed ran with, after merging the user's JSON
+            path = self.run_dir / "deepspeed_config.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(ds_config, indent=2) + "\n")
+            self.log(f"DeepSpeed config (generated + merged): {path}")
 
     # --------------------------------------------------------------------------------------- checkpoints
 

@@ -80,6 +80,9 @@ def test_zero2_deepspeed_launcher_with_a_user_json_and_accumulation(tmp_path, on
                  flags=["--deepspeed_config", str(ds_json)])
     assert "engine deepspeed (a DeepSpeed config was given" in out and "ZeRO-2 over 2 rank(s)" in out
     assert "4 per device = 2 per micro-batch × 2 accumulation step(s)" in out  # DeepSpeed's accumulation too
+    written = json.loads((tmp_path / "z2" / "deepspeed_config.json").read_text())
+    assert written["zero_optimization"]["reduce_bucket_size"] == 500_000 and written["train_batch_size"] == 8
+    assert written["gradient_accumulation_steps"] == 2
     assert_same_run(tmp_path / "z2", one_process)
 
 
