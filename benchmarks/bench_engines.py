@@ -44,8 +44,7 @@ def time_engine(args: argparse.Namespace, engine: str, out_dir: Path) -> dict:
     from erw_fast.trainer import Trainer
 
     config = _config(args, engine, out_dir)
-    trainer = Trainer(config, engine="deepspeed" if engine != "ddp" else "ddp", engine_reason="benchmark",
-                      log_stream=sys.stderr)
+    trainer = Trainer(config, log_stream=sys.stderr)  # engine.kind in the config picks the engine
     device = trainer.device
     embed_dim = 768  # DINOv2-B features, precomputed: the encoder is not what is being compared
     trainer.encoders = []

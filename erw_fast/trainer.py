@@ -127,10 +127,13 @@ def model_kwargs(config: Config, z_dims: Sequence[int], attn_backend: str | None
 
 
 class Trainer:
-    def __init__(self, config: Config, env: DistEnv | None = None, log_stream=None, engine: str = "ddp",
-                 engine_reason: str = "default") -> None:
+    def __init__(self, config: Config, env: DistEnv | None = None, log_stream=None, engine: str | None = None,
+                 engine_reason: str | None = None) -> None:
         self.config = config
-        self.engine_kind, self.engine_reason = engine, engine_reason
+        # main() passes what the launcher tells it; otherwise engine.kind decides (auto → DDP / one process).
+        kind, reason = select_engine(config)
+        self.engine_kind, self.engine_reason = engine or kind, engine_reason or (reason if engine is None
+                                                                                 else "chosen by the caller")
         self.env = env or init_runtime(config.run.device)
         self.device = self.env.device
         self.out = log_stream

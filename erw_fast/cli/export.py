@@ -11,7 +11,7 @@ from pathlib import Path
 from erw_fast.checkpoint import load_checkpoint
 from erw_fast.cli import run_cli
 from erw_fast.config import config_from_dict
-from erw_fast.engines.deepspeed_files import read_deepspeed_weights
+from erw_fast.engines.deepspeed_files import trainer_checkpoint_weights
 
 
 def export(path: Path, out_dir: Path | None) -> list[Path]:
@@ -19,8 +19,7 @@ def export(path: Path, out_dir: Path | None) -> list[Path]:
 
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    weights = read_deepspeed_weights(path, state) if "engine" in state and state["engine"]["kind"] == "deepspeed" \
-        else state["model"]
+    weights = trainer_checkpoint_weights(path, state)
     model = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     z_dims = [model[k].shape[0] for k in sorted(model) if k.startswith("projectors.") and k.endswith(".4.weight")]
     out_dir = out_dir or path.parent.parent / "reference"

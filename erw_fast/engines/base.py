@@ -11,6 +11,13 @@ import torch
 from torch import nn
 
 
+def adamw_implementation(choice: str, device: torch.device) -> str:
+    """optim.implementation: auto → torch's fused AdamW on CUDA, the foreach one elsewhere."""
+    if choice == "auto":
+        return "fused" if device.type == "cuda" else "foreach"
+    return choice
+
+
 @dataclass
 class StepOutcome:
     grad_norm: torch.Tensor  # before clipping; inf/NaN when the step was skipped

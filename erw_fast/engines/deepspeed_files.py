@@ -21,3 +21,10 @@ def read_deepspeed_weights(state_path: Path, state: dict[str, Any]) -> dict[str,
     # zero_to_fp32 leaves out frozen parameters (the fixed positional embedding): take them from the EMA, which
     # equals them exactly since they never change.
     return {k: weights[k] if k in weights else state["ema"][k] for k in state["ema"]}
+
+
+def trainer_checkpoint_weights(state_path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights of a trainer checkpoint: in the state file (DDP / one process) or in DeepSpeed's files."""
+    if state.get("engine", {}).get("kind") == "deepspeed":
+        return read_deepspeed_weights(state_path, state)
+    return state["model"]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from erw_fast.config import Config, ConfigError
+from erw_fast.engines.base import adamw_implementation
 
 DEFAULT_ZERO_STAGE = 1  # see README "Choosing the engine": ZeRO-1 is the cheapest sharding on one node
 
@@ -83,9 +84,7 @@ def generated_config(config: Config, *, global_batch: int, micro_batch: int, acc
 
 
 def _implementation(choice: str, device: torch.device) -> dict[str, bool]:
-    if choice == "auto":
-        choice = "fused" if device.type == "cuda" else "foreach"
-    return {"fused": True} if choice == "fused" else {"foreach": True}
+    return {"fused": True} if adamw_implementation(choice, device) == "fused" else {"foreach": True}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

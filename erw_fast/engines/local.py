@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from erw_fast.compile import compile_model, describe_compile
 from erw_fast.config import Config
 from erw_fast.ema import EMA
-from erw_fast.engines.base import StepOutcome
+from erw_fast.engines.base import StepOutcome, adamw_implementation
 from erw_fast.engines.rank_sharded_ema import RankShardedEMA
 from erw_fast.runtime import DistEnv
 
@@ -53,9 +53,7 @@ class LocalEngine:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
-        impl = o.implementation
-        if impl == "auto":
-            impl = "fused" if self.env.device.type == "cuda" else "foreach"
+        impl = adamw_implementation(o.implementation, self.env.device)
         return torch.optim.AdamW(
             self.trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
             fused=impl == "fused", foreach=impl == "foreach" or None,
@@ -63,15 +61,15 @@ class LocalEngine:
 
     def describe(self) -> str:
         t = self.config.train
-        skip = "non-finite steps skipped on the device" if self.sync_free else "non-finite check on the host"
-        skip += ", " + describe_compile(t.compile, t.compile_scope, t.compile_mode, t.compile_backend)
+        step = ("non-finite steps skipped on the device" if self.sync_free else "non-finite check on the host") \
+            + ", " + describe_compile(t.compile, t.compile_scope, t.compile_mode, t.compile_backend)
         if self.env.world_size == 1:
-            return f"single process ({skip})"
+            return f"single process ({step})"
         e = self.config.engine
         ema = (f"EMA sharded by rank ({self.ema.local_numel:,} elements here)" if self.ema_sharded
                else "EMA replicated")
         return (f"DDP over {self.env.world_size} ranks (bucket {e.ddp_bucket_mb:g} MB, gradient_as_bucket_view "
-                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph}; {ema}; {skip})")
+                f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph}; {ema}; {step})")
 
     # ------------------------------------------------------------------------------------------ the step
 
