@@ -6,6 +6,8 @@
 #                                          #     a profiled step, and the cost report with measured seconds
 #   bash benchmarks/gpu_suite.sh engines   # #6: single-GPU step time, DDP engine vs DeepSpeed ZeRO-0/1/2
 #   bash benchmarks/gpu_suite.sh tests     # the CUDA-only tests (no host sync in the step, GPU bench, checkpoints)
+#   bash benchmarks/gpu_suite.sh tune      # #4: measure candidate NT-Xent tiles; winners -> $DEST/tuned_tiles.json
+#                                          #     (review, then copy into kernels/tuned_tiles.json and commit)
 #
 # Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results. Every stage
 # writes JSON with the device, versions, settings and raw timings next to a markdown table. The `engines` stage
@@ -39,8 +41,12 @@ case "${1:-}" in
       "tests/test_bench_cli.py::test_train_bench_on_gpu_reports_mfu_and_memory" \
       tests/test_checkpoint.py tests/test_kernels_nt_xent.py tests/test_kernels_cosine.py 2>&1 | tee "$DEST/gpu_tests.log"
     ;;
+  tune)
+    timeout 540 "$PY" benchmarks/tune_alignment_kernels.py --out "$DEST" --table "$DEST/tuned_tiles.json" \
+      --dtype bf16 --d 768 1024 --rows 8192 --position-batches 32 256
+    ;;
   *)
-    echo "usage: $0 kernels|train|engines|tests" >&2
+    echo "usage: $0 kernels|train|engines|tests|tune" >&2
     exit 2
     ;;
 esac

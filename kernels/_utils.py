@@ -79,9 +79,7 @@ def resolve_input_precision(input_precision: str | None) -> str:
     if input_precision is None:
         return "ieee" if _torch_fp32_matmul_precision() == "highest" else "tf32"
     if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(
-            f"input_precision must be one of {INPUT_PRECISIONS} or None, got {input_precision!r}"
-        )
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS} or None, got {input_precision!r}")
     return input_precision
 
 

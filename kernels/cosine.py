@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _utils
 from ._utils import EPS
+from .launch import Launch
 
 # Triton picks interpreter or compiler when a kernel is decorated, i.e. at this module's import.
 _INTERPRETED = _utils.interpreting()
@@ -122,9 +123,14 @@ def row_stats(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     norm_y = _utils.empty((n,), torch.float32, x.device)
     cos = _utils.empty((n,), torch.float32, x.device)
     block_r, block_d, warps = row_launch_config(n, d)
-    _row_stats_kernel[(triton.cdiv(n, block_r),)](
-        x, y, norm_x, norm_y, cos, n, d, EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps
-    )
+    Launch(
+        "cosine.row_stats",
+        _row_stats_kernel,
+        (triton.cdiv(n, block_r),),
+        dict(X=x, Y=y, NORM_X=norm_x, NORM_Y=norm_y, COS=cos, n_rows=n, D=d),
+        dict(EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d),
+        dict(num_warps=warps),
+    ).run()
     return norm_x, norm_y, cos
 
 
@@ -157,23 +163,26 @@ def cosine_align_bwd(
     grad_p = _utils.empty(tuple(proj.shape), proj.dtype, proj.device)
     grad_t = _utils.empty(tuple(target.shape), target.dtype, target.device)
     block_r, block_d, warps = row_launch_config(n, d)
-    _cosine_bwd_kernel[(triton.cdiv(n, block_r),)](
-        proj,
-        target,
-        norm_p,
-        norm_t,
-        cos,
-        grad.to(torch.float32),
-        grad_p,
-        grad_t,
-        n,
-        d,
-        1.0 / n,
-        EPS=EPS,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    Launch(
+        "cosine.bwd",
+        _cosine_bwd_kernel,
+        (triton.cdiv(n, block_r),),
+        dict(
+            X=proj,
+            Y=target,
+            NORM_X=norm_p,
+            NORM_Y=norm_t,
+            COS=cos,
+            GRAD=grad.to(torch.float32),
+            DX=grad_p,
+            DY=grad_t,
+            n_rows=n,
+            D=d,
+            scale=1.0 / n,
+        ),
+        dict(EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d),
+        dict(num_warps=warps),
+    ).run()
     return grad_p, grad_t
 
 

@@ -26,6 +26,11 @@ Kernels
            program owns its rows). `_normalize_bwd_kernel` then adds the -k_i term and chains through the
            normalisation. The key-side pass is skipped when target needs no gradient (REPA's frozen
            encoder features).
+  splits   when query blocks alone are too few programs for the GPU (M = 8192, one local batch of 32 images,
+           is 64 programs of 128 rows on 132 SMs), both logit kernels also split the keys over a third grid
+           axis: forward partial max/sum merged afterwards, backward one (M, D) partial per split, summed by
+           `_normalize_bwd_kernel` (see `tiles.key_splits`).
+Tile sizes come from `tiles.py`; `aot.py` compiles these launches for sm_80/sm_90 without a GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from . import _utils
 from ._utils import EPS
 from .cosine import _INTERPRETED as _ROW_KERNELS_INTERPRETED
 from .cosine import row_launch_config, row_stats
+from .launch import Launch
+from .tiles import LogitTiles, key_splits, logit_tiles
 
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals (no globals in @jit)
 
@@ -99,21 +106,34 @@ def _lse_kernel(
     Y,
     NORM_X,
     NORM_Y,
-    LSE,
+    OUT_M,
+    OUT_L,
+    n_rows,
     group_size,
     group_stride,
     elem_stride,
     D,
+    blocks_per_split,
     scale_log2,
     EPS: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """LSE_i = logsumexp_{j in group} q_i.k_j / tau for one block of query rows of one group."""
+    """LSE_i = logsumexp_{j in group} q_i.k_j / tau for one block of query rows of one group.
+
+    Without SPLIT the program sweeps every key block and writes LSE (natural log) to OUT_M. With SPLIT,
+    program_id(2) = s sweeps only key blocks [s * blocks_per_split, (s + 1) * blocks_per_split) and writes
+    its running max and sum (base 2) to row s of OUT_M / OUT_L, (splits, n_rows) each; the caller merges
+    them. Splitting keys gives small problems enough programs to fill the GPU (flash-decoding's idea).
+    """
     group = tl.program_id(1)
+    split = tl.program_id(2)
+    n_lo = split * blocks_per_split * BLOCK_N
+    n_hi = tl.minimum(n_lo + blocks_per_split * BLOCK_N, group_size)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < group_size
     rows = group * group_stride + offs_m * elem_stride
@@ -121,21 +141,24 @@ def _lse_kernel(
     row_scale = scale_log2 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, group_size, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_mask = offs_n < group_size
         cols = group * group_stride + offs_n * elem_stride
         col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
-        s = _raw_logits(
-            X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST
-        )
+        s = _raw_logits(X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST)
         s = s * row_scale[:, None] * col_scale[None, :]
-        # Every key block holds at least one valid column, so m_new is finite and no inf - inf occurs.
+        # Every key block holds at least one valid column (no split is empty, see tiles.key_splits), so m_new
+        # is finite and no inf - inf occurs.
         s = tl.where(col_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(LSE + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_mask)
+    if SPLIT:
+        tl.store(OUT_M + split * n_rows + rows, m_i, mask=row_mask)
+        tl.store(OUT_L + split * n_rows + rows, l_i, mask=row_mask)
+    else:
+        tl.store(OUT_M + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_mask)
 
 
 @triton.jit
@@ -147,10 +170,12 @@ def _grad_kernel(
     LSE_X,
     LSE_Y,
     ACC,
+    n_rows,
     group_size,
     group_stride,
     elem_stride,
     D,
+    blocks_per_split,
     scale_log2,
     w_x,
     w_y,
@@ -163,8 +188,15 @@ def _grad_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """ACC_i = sum_{j in group} (w_x exp(s_ij - LSE_X_i) + w_y exp(s_ij - LSE_Y_j)) k_j, fp32."""
+    """ACC_i = sum_{j in group} (w_x exp(s_ij - LSE_X_i) + w_y exp(s_ij - LSE_Y_j)) k_j, fp32.
+
+    ACC is (splits, n_rows, D): program_id(2) = s sums key blocks [s * blocks_per_split, ...) into ACC[s]
+    (partials, summed by `_normalize_bwd_kernel`), so no two programs write the same element.
+    """
     group = tl.program_id(1)
+    split = tl.program_id(2)
+    n_lo = split * blocks_per_split * BLOCK_N
+    n_hi = tl.minimum(n_lo + blocks_per_split * BLOCK_N, group_size)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < group_size
     rows = group * group_stride + offs_m * elem_stride
@@ -173,15 +205,13 @@ def _grad_kernel(
         lse_x = tl.load(LSE_X + rows, mask=row_mask, other=0.0) * 1.4426950408889634
     else:
         lse_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc_base = rows.to(tl.int64)[:, None] * D
-    for n0 in range(0, group_size, BLOCK_N):
+    acc_base = (split.to(tl.int64) * n_rows + rows.to(tl.int64))[:, None] * D
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_mask = offs_n < group_size
         cols = group * group_stride + offs_n * elem_stride
         col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
-        s = _raw_logits(
-            X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST
-        )
+        s = _raw_logits(X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST)
         s = s * row_scale[:, None] * col_scale[None, :]
         p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_LSE_X:
@@ -192,6 +222,9 @@ def _grad_kernel(
         # Probabilities (<= 1) go into the second dot in the input dtype, as in flash attention.
         p = tl.where(col_mask[None, :], p, 0.0).to(Y.dtype.element_ty)
         y_base = cols.to(tl.int64)[:, None] * D
+        # The split's first key block initialises its rows (the buffer starts uninitialised), later ones add.
+        # (A row vector, not a scalar: the interpreter mistypes `block_mask & scalar_bool`.)
+        accumulate = (tl.zeros((BLOCK_M,), dtype=tl.int32) + n0) > n_lo
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
@@ -200,9 +233,16 @@ def _grad_kernel(
             k = (y.to(tl.float32) * col_scale[:, None]).to(Y.dtype.element_ty)
             ptrs = ACC + acc_base + offs_d[None, :]
             out_mask = row_mask[:, None] & d_mask[None, :]
-            # The first key block initialises the rows (the buffer starts uninitialised), later ones add.
-            prev = tl.load(ptrs, mask=out_mask & (n0 > 0), other=0.0)
+            prev = tl.load(ptrs, mask=out_mask & accumulate[:, None], other=0.0)
             tl.store(ptrs, _mma(p, k, prev, INPUT_PRECISION, UPCAST), mask=out_mask)
+
+
+@triton.jit
+def _sum_partials(ACC, offs, mask, n_splits, split_stride):
+    a = tl.load(ACC + offs, mask=mask, other=0.0)
+    for s in range(1, n_splits):
+        a += tl.load(ACC + s * split_stride + offs, mask=mask, other=0.0)
+    return a
 
 
 @triton.jit
@@ -215,6 +255,7 @@ def _normalize_bwd_kernel(
     GRAD,
     DX,
     n_rows,
+    n_splits,
     D,
     scale,
     EPS: tl.constexpr,
@@ -222,6 +263,8 @@ def _normalize_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """dL/dx for dL/dq = c (ACC - k), c = GRAD * scale, through q = x / max(|x|, eps), k = y / max(|y|, eps).
+
+    ACC holds n_splits partial sums (splits, n_rows, D), added here.
 
     dL/dx = (dq - q (q.dq)) / |x|, or dq / eps where the norm is clamped (the clamp has no gradient).
     Two passes over D: the first for q.dq, the second to write.
@@ -239,7 +282,7 @@ def _normalize_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols[None, :] < D)
         x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(ACC + base + cols[None, :], mask=mask, other=0.0)
+        a = _sum_partials(ACC, base + cols[None, :], mask, n_splits, n_rows.to(tl.int64) * D)
         y = tl.load(Y + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x_acc += tl.sum(x * a, axis=1)
         x_y += tl.sum(x * y, axis=1)
@@ -249,7 +292,7 @@ def _normalize_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols[None, :] < D)
         x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(ACC + base + cols[None, :], mask=mask, other=0.0)
+        a = _sum_partials(ACC, base + cols[None, :], mask, n_splits, n_rows.to(tl.int64) * D)
         y = tl.load(Y + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dq = c * (a - y * ry[:, None])
         dx = (dq - x * (rx * q_dq)[:, None]) * rx[:, None]
@@ -266,21 +309,19 @@ def _groups(b: int, t: int, position: bool) -> tuple[int, int, int, int]:
     return b * t, 1, 0, 1
 
 
-def _tile_config(group_size: int, d: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes for the logit kernels (untuned starting points; tl.dot needs every dim >= 16).
-
-    Small groups (position negatives with a small batch) get smaller tiles so little work is masked.
-    """
-    block_mn = min(64, max(16, triton.next_power_of_2(group_size)))
-    if _utils.interpreting():
-        # Fewer, larger chunks: each interpreted op costs Python overhead, not FLOPs.
-        block_d = min(256, max(16, triton.next_power_of_2(d)))
-        return dict(BLOCK_M=block_mn, BLOCK_N=block_mn, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    block_d = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_M=block_mn, BLOCK_N=block_mn, BLOCK_D=block_d, num_warps=4, num_stages=3)
+def _split_grid(
+    kernel: str, x: Tensor, groups: tuple[int, int, int, int], bytes_per_split: int = 0
+) -> tuple[LogitTiles, tuple[int, int, int], int]:
+    """Tiles, grid (query blocks, groups, key splits) and key blocks per split for a logit kernel."""
+    group_size, n_groups = groups[0], groups[1]
+    tiles = logit_tiles(kernel, group_size, x.shape[1], x.dtype, x.device)
+    query_blocks = triton.cdiv(group_size, tiles.block_m)
+    key_blocks = triton.cdiv(group_size, tiles.block_n)
+    splits = key_splits(query_blocks * n_groups, key_blocks, x.device, bytes_per_split)
+    return tiles, (query_blocks, n_groups, splits), triton.cdiv(key_blocks, splits)
 
 
-def _launch_lse(
+def _lse(
     x: Tensor,
     y: Tensor,
     norm_x: Tensor,
@@ -289,32 +330,44 @@ def _launch_lse(
     temperature: float,
     input_precision: str,
 ) -> Tensor:
-    group_size, n_groups, group_stride, elem_stride = groups
-    d = x.shape[1]
-    lse = _utils.empty((x.shape[0],), torch.float32, x.device)
-    cfg = _tile_config(group_size, d, x.dtype)
+    """Per-row LSE over each row's candidate keys (fp32, natural log)."""
+    group_size, _, group_stride, elem_stride = groups
+    n, d = x.shape
+    tiles, grid, blocks_per_split = _split_grid("lse", x, groups)
+    splits = grid[2]
     precision, upcast = _utils.dot_settings(x.dtype, input_precision)
-    grid = (triton.cdiv(group_size, cfg["BLOCK_M"]), n_groups)
-    _lse_kernel[grid](
-        x,
-        y,
-        norm_x,
-        norm_y,
-        lse,
-        group_size,
-        group_stride,
-        elem_stride,
-        d,
-        LOG2E / temperature,
-        EPS=EPS,
-        INPUT_PRECISION=precision,
-        UPCAST=upcast,
-        **cfg,
-    )
-    return lse
+    out_m = _utils.empty((splits, n), torch.float32, x.device)
+    out_l = _utils.empty((splits, n), torch.float32, x.device) if splits > 1 else out_m
+    Launch(
+        "nt_xent.lse",
+        _lse_kernel,
+        grid,
+        dict(
+            X=x,
+            Y=y,
+            NORM_X=norm_x,
+            NORM_Y=norm_y,
+            OUT_M=out_m,
+            OUT_L=out_l,
+            n_rows=n,
+            group_size=group_size,
+            group_stride=group_stride,
+            elem_stride=elem_stride,
+            D=d,
+            blocks_per_split=blocks_per_split,
+            scale_log2=LOG2E / temperature,
+        ),
+        dict(EPS=EPS, SPLIT=splits > 1, INPUT_PRECISION=precision, UPCAST=upcast, **tiles.constexprs()),
+        tiles.options(),
+    ).run()
+    if splits == 1:
+        return out_m[0]
+    # Merge the splits' base-2 running max / sum: lse = ln2 * (m + log2 sum_s l_s 2^(m_s - m)), m = max_s m_s.
+    m = out_m.amax(dim=0)
+    return (m + torch.log2((out_l * torch.exp2(out_m - m)).sum(dim=0))) * math.log(2.0)
 
 
-def _launch_grad(
+def _grad_partials(
     x: Tensor,
     y: Tensor,
     norm_x: Tensor,
@@ -326,61 +379,74 @@ def _launch_grad(
     groups: tuple[int, int, int, int],
     temperature: float,
     input_precision: str,
-    out: Tensor,
 ) -> Tensor:
-    """Fill `out` (fp32, like x) with sum_j G_ij k_j; a missing LSE drops its term."""
-    group_size, n_groups, group_stride, elem_stride = groups
-    d = x.shape[1]
-    cfg = _tile_config(group_size, d, x.dtype)
+    """(splits, M, D) fp32 partial sums whose sum is sum_j G_ij k_j; a missing LSE drops its term."""
+    group_size, _, group_stride, elem_stride = groups
+    n, d = x.shape
+    tiles, grid, blocks_per_split = _split_grid("grad", x, groups, bytes_per_split=n * d * 4)
     precision, upcast = _utils.dot_settings(x.dtype, input_precision)
-    grid = (triton.cdiv(group_size, cfg["BLOCK_M"]), n_groups)
-    _grad_kernel[grid](
-        x,
-        y,
-        norm_x,
-        norm_y,
-        norm_x if lse_x is None else lse_x,
-        norm_y if lse_y is None else lse_y,  # dummies when absent
-        out,
-        group_size,
-        group_stride,
-        elem_stride,
-        d,
-        LOG2E / temperature,
-        w_x,
-        w_y,
-        HAS_LSE_X=lse_x is not None,
-        HAS_LSE_Y=lse_y is not None,
-        EPS=EPS,
-        INPUT_PRECISION=precision,
-        UPCAST=upcast,
-        **cfg,
-    )
-    return out
+    acc = _utils.empty((grid[2], n, d), torch.float32, x.device)
+    Launch(
+        "nt_xent.grad",
+        _grad_kernel,
+        grid,
+        dict(
+            X=x,
+            Y=y,
+            NORM_X=norm_x,
+            NORM_Y=norm_y,
+            LSE_X=norm_x if lse_x is None else lse_x,  # dummies when absent
+            LSE_Y=norm_y if lse_y is None else lse_y,
+            ACC=acc,
+            n_rows=n,
+            group_size=group_size,
+            group_stride=group_stride,
+            elem_stride=elem_stride,
+            D=d,
+            blocks_per_split=blocks_per_split,
+            scale_log2=LOG2E / temperature,
+            w_x=w_x,
+            w_y=w_y,
+        ),
+        dict(
+            HAS_LSE_X=lse_x is not None,
+            HAS_LSE_Y=lse_y is not None,
+            EPS=EPS,
+            INPUT_PRECISION=precision,
+            UPCAST=upcast,
+            **tiles.constexprs(),
+        ),
+        tiles.options(),
+    ).run()
+    return acc
 
 
-def _launch_normalize_bwd(
+def _normalize_bwd(
     x: Tensor, norm_x: Tensor, acc: Tensor, y: Tensor, norm_y: Tensor, grad: Tensor, scale: float
 ) -> Tensor:
     n, d = x.shape
     dx = _utils.empty((n, d), x.dtype, x.device)
     block_r, block_d, warps = row_launch_config(n, d)
-    _normalize_bwd_kernel[(triton.cdiv(n, block_r),)](
-        x,
-        norm_x,
-        acc,
-        y,
-        norm_y,
-        grad,
-        dx,
-        n,
-        d,
-        scale,
-        EPS=EPS,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    Launch(
+        "nt_xent.normalize_bwd",
+        _normalize_bwd_kernel,
+        (triton.cdiv(n, block_r),),
+        dict(
+            X=x,
+            NORM_X=norm_x,
+            ACC=acc,
+            Y=y,
+            NORM_Y=norm_y,
+            GRAD=grad,
+            DX=dx,
+            n_rows=n,
+            n_splits=acc.shape[0],
+            D=d,
+            scale=scale,
+        ),
+        dict(EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d),
+        dict(num_warps=warps),
+    ).run()
     return dx
 
 
@@ -403,10 +469,10 @@ def nt_xent_fwd(
     groups = _groups(b, t, position)
     norm_p, norm_t, cos = row_stats(x, y)
     positive = cos / temperature
-    lse_row = _launch_lse(x, y, norm_p, norm_t, groups, temperature, input_precision)
+    lse_row = _lse(x, y, norm_p, norm_t, groups, temperature, input_precision)
     loss = (lse_row - positive).mean()
     if symmetric:
-        lse_col = _launch_lse(y, x, norm_t, norm_p, groups, temperature, input_precision)
+        lse_col = _lse(y, x, norm_t, norm_p, groups, temperature, input_precision)
         loss = 0.5 * (loss + (lse_col - positive).mean())
     else:
         lse_col = _utils.empty((0,), torch.float32, x.device)
@@ -453,20 +519,16 @@ def nt_xent_bwd(
     scale = 1.0 / (m * temperature)
     w_own = 0.5 if symmetric else 1.0  # weight of the query-side softmax in G
     lse_other = lse_col if symmetric else None
-    acc = _utils.empty((m, d), torch.float32, x.device) if (need_proj or need_target) else None
     grad_p = _utils.empty((0,), proj.dtype, x.device)  # two tensors: custom-op outputs may not alias
     grad_t = _utils.empty((0,), proj.dtype, x.device)
     if need_proj:
-        _launch_grad(
-            x, y, norm_p, norm_t, lse_row, w_own, lse_other, 0.5, groups, temperature, input_precision, acc
-        )
-        grad_p = _launch_normalize_bwd(x, norm_p, acc, y, norm_t, grad, scale).view(b, t, d)
+        acc = _grad_partials(x, y, norm_p, norm_t, lse_row, w_own, lse_other, 0.5, groups, temperature, input_precision)
+        grad_p = _normalize_bwd(x, norm_p, acc, y, norm_t, grad, scale).view(b, t, d)
+        del acc  # before the key side allocates its own
     if need_target:
         # Keys as rows: their own softmax is the column one (weight 0.5 or absent), the row one is "other".
-        _launch_grad(
-            y, x, norm_t, norm_p, lse_other, 0.5, lse_row, w_own, groups, temperature, input_precision, acc
-        )
-        grad_t = _launch_normalize_bwd(y, norm_t, acc, x, norm_p, grad, scale).view(b, t, d)
+        acc = _grad_partials(y, x, norm_t, norm_p, lse_other, 0.5, lse_row, w_own, groups, temperature, input_precision)
+        grad_t = _normalize_bwd(y, norm_t, acc, x, norm_p, grad, scale).view(b, t, d)
     return grad_p, grad_t
 
 

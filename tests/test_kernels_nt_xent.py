@@ -19,9 +19,11 @@ from erw_fast.kernels import triton_available
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
 if triton_available():
+    import triton
     from erw_fast.kernels import _utils
     from erw_fast.kernels import nt_xent as nt_xent_module
     from erw_fast.kernels.nt_xent import nt_xent_bwd, nt_xent_fwd, nt_xent_triton
+    from erw_fast.kernels.tiles import LogitTiles, default_tiles, plan_key_splits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -112,11 +114,39 @@ def test_single_token(negatives, symmetric):
 def test_many_small_tiles(monkeypatch, negatives, symmetric):
     # 16-wide tiles: several query and key blocks per group (the backward's read-modify-write over key
     # blocks), ragged last blocks in every dimension (74 rows, 37 per position group, D = 40 = 16+16+8).
-    def small_tiles(group_size, d, dtype):
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=1)
-
-    monkeypatch.setattr(nt_xent_module, "_tile_config", small_tiles)
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda *args: LogitTiles(16, 16, 16, 4, 1))
     check_against_reference((37, 2, 40), torch.float32, 0.1, negatives, symmetric)
+
+
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onesided", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_splits(monkeypatch, negatives, symmetric, dtype):
+    # Keys split as on a GPU with many SMs and few query blocks: the forward merges partial max/sum, the
+    # backward sums per-split partial gradients. 16-wide tiles over 74 rows (5 key blocks; 3 per
+    # position group of 37) with 2 blocks per split leave a ragged last split.
+    splits_seen = []
+
+    def forced_splits(programs, key_blocks, device, bytes_per_split=0):
+        splits = triton.cdiv(key_blocks, 2)
+        splits_seen.append(splits)
+        return splits
+
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda *args: LogitTiles(16, 16, 16, 4, 1))
+    monkeypatch.setattr(nt_xent_module, "key_splits", forced_splits)
+    check_against_reference((37, 2, 40), dtype, 0.1, negatives, symmetric)
+    assert max(splits_seen) >= 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_default_tiles(monkeypatch, dtype):
+    # The tiles a GPU launch would use (not the interpreter's), including a split plan for 132 SMs:
+    # 150 rows of D = 200 leave ragged tiles in every dimension at 128/64-row tiles and 64/32-wide chunks.
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda kernel, g, d, dt, dev: default_tiles(kernel, g, d, dt))
+    monkeypatch.setattr(
+        nt_xent_module, "key_splits", lambda programs, blocks, device, nbytes=0: plan_key_splits(programs, blocks, 132)
+    )
+    check_against_reference((3, 50, 200), dtype, 0.1, "batch", True)
 
 
 def test_zero_vector_rows_follow_f_normalize():
