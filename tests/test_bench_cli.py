@@ -92,6 +92,7 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
         assert set(r["breakdown_median_s"]) == set(bench.REGIONS)
         assert r["img_per_s"] > 0 and r["step_time_median_s"] > 0 and r["mfu"] is None
         assert r["peak_memory_gib"] is None  # CPU
+        assert r["gpu_telemetry"] == {"unavailable": "not a CUDA device (cpu)"}
         assert len(r["raw"]["region_times_s"]) == 2 and len(r["raw"]["step_times_s"]) == 2
         assert r["gflops_per_step"] == pytest.approx(work.step_breakdown(r["phase"], 4).training() / 1e9)
         assert r["achieved_tflops"] == pytest.approx(r["gflops_per_step"] / 1e3 / r["step_time_median_s"])
@@ -125,6 +126,9 @@ def test_train_bench_on_gpu_reports_mfu_and_memory(tmp_path: Path) -> None:
     for r in doc["results"]:
         assert r["status"] == "ok" and r["peak_memory_gib"] > 0
         assert (r["mfu"] is None) == (doc["device"]["peak_bf16_tflops"] is None)
+        telemetry = r["gpu_telemetry"]
+        if "unavailable" not in telemetry:  # NVML may be unreachable in a container; then it says why
+            assert telemetry["samples"] >= 2 and telemetry["sm_clock_mhz"]["max"] > 0
 
 
 # ------------------------------------------------------------------------------------------- pieces

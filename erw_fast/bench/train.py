@@ -3,6 +3,7 @@ step against the reference's way of running it, optionally profiled."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import statistics
@@ -17,6 +18,7 @@ import torch
 
 from erw_fast import flops as F
 from erw_fast.bench.common import Workload, _gflop, _md_table, _slug, device_info, resolve_device, versions
+from erw_fast.bench.gpu_monitor import GpuMonitor, gpu_telemetry_unavailable
 
 REGIONS = ("data", "encoder", "forward", "backward", "optimizer", "ema")
 
@@ -238,12 +240,14 @@ def _bench_variant(
     if cuda:
         torch.cuda.synchronize(device)
     timer = RegionTimer(device)
+    monitor = GpuMonitor(device.index or 0) if cuda else None
     started = time.perf_counter()
     loss = torch.zeros(())
-    for _ in range(s.steps):
-        loss = step(timer)
-    if cuda:
-        torch.cuda.synchronize(device)
+    with monitor if monitor is not None else contextlib.nullcontext():
+        for _ in range(s.steps):
+            loss = step(timer)
+        if cuda:
+            torch.cuda.synchronize(device)
     wall = time.perf_counter() - started
     per_step = timer.results()
     trace = _profile(step, s, device, f"{phase}_{variant}_b{batch}") if s.profile_dir else None
@@ -261,6 +265,7 @@ def _bench_variant(
         "mfu": achieved / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "final_loss": float(loss.float().cpu()),
+        "gpu_telemetry": monitor.summary() if monitor is not None else gpu_telemetry_unavailable(device.type),
         "trace": trace,
         "raw": {"wall_s": wall, "step_times_s": step_times, "region_times_s": per_step},
     }
@@ -380,6 +385,13 @@ def _speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _telemetry_cells(t: dict[str, Any]) -> list[str]:
+    """Median SM clock (with its share of the maximum) and median power of a timed case, or dashes."""
+    clock, power = t.get("sm_clock_mhz"), t.get("power_w")
+    ratio = f" ({t['clock_ratio'] * 100:.0f}%)" if t.get("clock_ratio") else ""
+    return [f"{clock['median']:.0f}{ratio}" if clock else "-", f"{power['median']:.0f}" if power else "-"]
+
+
 def render_train_markdown(doc: dict[str, Any]) -> str:
     dev = doc["device"]
     s = doc["settings"]
@@ -389,10 +401,12 @@ def render_train_markdown(doc: dict[str, Any]) -> str:
         "",
         f"torch {doc['versions']['torch']}, CUDA {doc['versions']['cuda']}; precision {s['precision_resolved']} "
         f"(reference: fp16 + GradScaler); {s['steps']} timed steps after {s['warmup']} untimed. Step-time regions "
-        f"are medians (ms); peak: {dev['peak_bf16_tflops'] or 'n/a'} TFLOP/s. FLOPs: {s['flop_convention']}.",
+        f"are medians (ms); peak: {dev['peak_bf16_tflops'] or 'n/a'} TFLOP/s. FLOPs: {s['flop_convention']}. "
+        "SM MHz / W: medians sampled by NVML every 0.1 s during the timed steps (% of the maximum SM clock).",
         "",
     ]
-    header = ["phase", "variant", "batch", "img/s", "step ms", *REGIONS, "GFLOP/step", "TFLOP/s", "MFU", "peak GiB"]
+    header = ["phase", "variant", "batch", "img/s", "step ms", *REGIONS, "GFLOP/step", "TFLOP/s", "MFU", "peak GiB",
+              "SM MHz", "W"]
     rows = []
     for r in doc["results"]:
         if r["status"] != "ok":
@@ -403,6 +417,7 @@ def render_train_markdown(doc: dict[str, Any]) -> str:
             *(f"{r['breakdown_median_s'][k] * 1e3:.2f}" for k in REGIONS), _gflop(r["gflops_per_step"]),
             f"{r['achieved_tflops']:.3f}", f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "-",
             f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-",
+            *_telemetry_cells(r.get("gpu_telemetry", {})),
         ])
     lines += [_md_table(header, rows), ""]
     if doc["speedups"]:
