@@ -16,6 +16,7 @@ Layouts (same synthetic samples in each):
                ``dataset.json``; features as one ``.npy`` per sample; torch DataLoader with default collation
 Modes: latents+labels, latents+image (decoded to uint8), latents+features.
 ``workers=0`` runs everything in the measuring process: samples/s per CPU core. ``workers=N``: N worker processes.
+``threads=N``: the shard loader's N loader threads in the measuring process (``data.loader_threads``).
 
 Writes ``<out>/loader_<host>.json`` (machine, versions, settings, dataset sizes, raw timings) and ``.md`` (table).
 """
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", default="0,2", help="comma-separated worker counts")
+    p.add_argument("--threads", default="2",
+                   help="comma-separated loader-thread counts for the shard loader (data.loader_threads; '' for none)")
     p.add_argument("--out", help="default: benchmarks/results (with --quick: the data directory)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (not a measurement)")
     p.add_argument("--device", default="cpu",
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     info = generate(root, args.num_samples, args.per_shard)
     sizes = info["bytes_per_sample"]
     workers = [int(w) for w in args.workers.split(",")]
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
 
     s = "shards/{}/{}".format
     cases: list[dict[str, Any]] = []
@@ -292,14 +296,19 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             for w in workers:
                 cases.append({"layout": f"shards ({ds.split('_')[0]})", "loader": kind, "mode": mode, "workers": w,
-                              "payload_bytes": payload, "dataset": ds, "images": images, "features": features})
+                              "threads": 0, "payload_bytes": payload, "dataset": ds, "images": images,
+                              "features": features})
+            for t in threads if kind == "webdataset" else []:
+                cases.append({"layout": f"shards ({ds.split('_')[0]})", "loader": "webdataset (threads)", "mode": mode,
+                              "workers": 0, "threads": t, "payload_bytes": payload, "dataset": ds, "images": images,
+                              "features": features})
     for mode, image, features, payload in (
         ("latents+labels", False, False, sizes["perfile/vae-sd"]),
         ("latents+image", True, False, sizes["perfile/vae-sd"] + sizes["perfile/images"]),
         ("latents+features", False, True, sizes["perfile/vae-sd"] + sizes["perfile/features"]),
     ):
         for w in workers:
-            cases.append({"layout": "per-file (REPA)", "loader": "torch", "mode": mode, "workers": w,
+            cases.append({"layout": "per-file (REPA)", "loader": "torch", "mode": mode, "workers": w, "threads": 0,
                           "payload_bytes": payload, "image": image, "features": features})
 
     for case in cases:
@@ -314,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             step = lambda it=it: next(it)  # noqa: E731
             closer = None
         else:
-            loader = build_loader(case["loader"], str(root / case["dataset"]), global_batch_size=args.batch, seed=0,
-                                  image_size=SIZE, num_workers=w, images=case["images"], features=case["features"],
+            loader = build_loader(case["loader"].split()[0], str(root / case["dataset"]), global_batch_size=args.batch,
+                                  seed=0, image_size=SIZE, num_workers=w, loader_threads=case["threads"],
+                                  images=case["images"], features=case["features"],
                                   dali_threads=max(1, w), verify="none", device=device)
             step, closer = loader.next_host, loader.close
             case["decode"] = ("GPU (DALI mixed)" if device.type == "cuda" and case["loader"] == "dali" and
@@ -327,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         case["samples_per_s"] = statistics.median(r["samples"] / r["seconds"] for r in runs)
         case["samples_per_cpu_s"] = statistics.median(r["samples"] / max(r["cpu_seconds"], 1e-9) for r in runs)
         case["mb_per_s"] = case["samples_per_s"] * case["payload_bytes"] / 1e6
-        case["samples_per_s_per_worker"] = case["samples_per_s"] / max(1, w)
-        print(f"{case['layout']:18s} {case['loader']:10s} {case['mode']:17s} workers={w}: "
+        case["samples_per_s_per_worker"] = case["samples_per_s"] / max(1, w, case["threads"])
+        print(f"{case['layout']:18s} {case['loader']:10s} {case['mode']:17s} workers={w} threads={case['threads']}: "
               f"{case['samples_per_s']:9.0f} samples/s  {case['samples_per_cpu_s']:9.0f} per CPU-s  "
               f"{case['mb_per_s']:8.1f} MB/s  load {runs[-1]['loadavg_1min']:.2f}", file=sys.stderr, flush=True)
 
@@ -340,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"num_samples": args.num_samples, "samples_per_shard": args.per_shard, "batch": args.batch,
                      "image_size": SIZE, "moments": "float16 (8, 32, 32) in shards; float32 in per-file (REPA)",
                      "features": f"float16 {FEATURES}", "seconds_per_repeat": args.seconds, "repeats": args.repeats,
-                     "workers": workers, "torch_threads": 1,
+                     "workers": workers, "loader_threads": threads, "torch_threads": 1,
                      "page_cache": "warm (each case's files are read once right before it is measured)",
                      "quick": args.quick, "excluded": "latent sampling (on the GPU in training)",
                      "device": str(device),
@@ -408,21 +418,24 @@ def markdown(report: dict[str, Any]) -> str:
         f"median of {st['repeats']} × ≥{st['seconds_per_repeat']} s; latent sampling excluded (GPU). "
         "workers = 0: the measuring process does everything. **samples per CPU-s** = samples ÷ CPU time of the "
         "loader's processes (main + workers): throughput per CPU core, insensitive to other load on the machine; "
-        "the ratio column compares it with the per-file layout in the same mode and worker count. "
+        "the ratio column compares it with the per-file layout in the same mode and worker count (loader threads: "
+        "with as many per-file workers). threads: `data.loader_threads`, the shard loader's threads in the "
+        "measuring process instead of worker processes. "
         "load avg: the 1-minute load average at the end of the case (this benchmark's own processes included; "
         f"the machine has {report['machine']['logical_cpus']} logical CPUs). Device: {st.get('device', 'cpu')}"
         + (f" ({st['gpu']}; image decode as the loader column says)" if st.get("gpu") else "") + ".",
         "",
-        "| layout | loader | mode | workers | samples/s | MB/s | per worker (samples/s) | samples per CPU-s "
+        "| layout | loader | mode | workers | threads | samples/s | MB/s | per worker (samples/s) | samples per CPU-s "
         "| vs per-file (per CPU-s) | load avg |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in report["cases"]:
-        r = ref.get((c["mode"], c["workers"]))
+        r = ref.get((c["mode"], c["workers"] or c.get("threads", 0)))  # loader threads vs as many workers
         ratio = f"{c['samples_per_cpu_s'] / r:.1f}×" if r and not c["layout"].startswith("per-file") else ""
         load = max(run["loadavg_1min"] for run in c["runs"])
         loader = c["loader"] + (" (GPU decode)" if c.get("decode", "CPU") != "CPU" else "")
-        lines.append(f"| {c['layout']} | {loader} | {c['mode']} | {c['workers']} | {c['samples_per_s']:,.0f} | "
+        lines.append(f"| {c['layout']} | {loader} | {c['mode']} | {c['workers']} | {c.get('threads', 0)} | "
+                     f"{c['samples_per_s']:,.0f} | "
                      f"{c['mb_per_s']:,.1f} | {c['samples_per_s_per_worker']:,.0f} | {c['samples_per_cpu_s']:,.0f} | "
                      f"{ratio} | {load:.2f} |")
     b = report["bytes_per_sample"]

@@ -125,6 +125,9 @@ class DataConfig:
     image_size: int = 256  # image side the encoder sees (64 for the demo)
     num_samples: int = 2048  # demo dataset size
     num_workers: int = 4  # DataLoader workers / DALI python workers
+    # webdataset only: threads of the training process assemble batches instead (set num_workers: 0). No batch
+    # crosses a process boundary: the cheapest mode per CPU core for raw-image or latents-only shards.
+    loader_threads: int = 0
     prefetch: int = 2  # batches queued per worker / DALI queue depth
     pin_memory: bool | None = None  # None: when training on CUDA
     flip: bool = False  # random horizontal flips (needs shards prepared with flipped moments)

@@ -180,7 +180,8 @@ class Trainer:
         c = self.config
         kwargs: dict[str, Any] = dict(
             global_batch_size=self.batch.global_batch, seed=c.run.seed, rank=self.env.rank,
-            world_size=self.env.world_size, num_workers=c.data.num_workers, start_step=start_step,
+            world_size=self.env.world_size, num_workers=c.data.num_workers, loader_threads=c.data.loader_threads,
+            start_step=start_step,
             device=self.device, flip=c.data.flip, on_error=c.data.on_error, image_size=c.data.image_size,
             num_classes=c.model.num_classes, images=c.run.mode != "sit" and not c.data.features,
             features=c.data.features, prefetch=c.data.prefetch, pin_memory=c.data.pin_memory, verify=c.data.verify,

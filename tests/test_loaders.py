@@ -134,6 +134,24 @@ def test_resume_equals_uninterrupted_any_worker_count(datasets):
     _assert_batches_equal(full[4:], _take(_loader("dali", root, num_workers=1, start_step=4), 5))
 
 
+@pytest.mark.parametrize("fmt", ["raw", "png"])
+def test_loader_threads_yield_the_worker_batches(datasets, fmt):
+    # Threads of the training process assemble steps concurrently (4 threads, 8 steps in flight, over 4
+    # shards): the same batches as worker processes, from the start and resumed mid-epoch.
+    root, _ = datasets[fmt]
+    full = _take(_loader("webdataset", root, num_workers=2), 9)
+    _assert_batches_equal(full, _take(_loader("webdataset", root, loader_threads=4), 9))
+    _assert_batches_equal(full[5:], _take(_loader("webdataset", root, loader_threads=2, start_step=5), 4))
+
+
+def test_loader_threads_refuse_to_mix_with_workers_or_dali(datasets):
+    root, _ = datasets["raw"]
+    with pytest.raises(ValueError, match="num_workers=2 and num_threads=3: choose worker processes or loader"):
+        _loader("webdataset", root, num_workers=2, loader_threads=3)
+    with pytest.raises(ValueError, match="loader_threads=2 applies to the webdataset kind only, not 'dali'"):
+        _loader("dali", root, loader_threads=2)
+
+
 def test_rank_split_concatenates_to_the_global_batch(datasets):
     root, _ = datasets["raw"]
     whole = _take(_loader("webdataset", root), 3)
@@ -205,9 +223,15 @@ def test_corrupt_sample_raises_or_is_skipped(tmp_path, corrupt):
     with pytest.raises(SampleError, match=where):
         _take(_loader("dali", tmp_path, num_workers=1), 2)
 
+    with pytest.raises(SampleError, match=where):  # raised by a loader thread, surfaced at its step
+        _take(_loader("webdataset", tmp_path, loader_threads=2), 2)
+
     with _loader("webdataset", tmp_path, on_error="skip", num_workers=2) as loader:
         batches = [next(loader) for _ in range(3)]
         assert loader.skipped == 1 and loader.position()["skipped"] == 1
+    with _loader("webdataset", tmp_path, on_error="skip", loader_threads=2) as threaded:
+        _assert_batches_equal(batches, [next(threaded) for _ in range(3)])
+        assert threaded.skipped == 1
     replaced = batches[1]["indices"][3].item()
     assert replaced == (bad + 1) % 40  # the next readable index takes the slot
     clean = write_dataset(tmp_path / "clean", image_format="png")
@@ -304,4 +328,5 @@ def test_loader_benchmark_smoke(tmp_path):
     assert ("shards (raw)", "webdataset", "latents+image") in modes and ("per-file (REPA)", "torch",
                                                                           "latents+features") in modes
     assert all(c["samples_per_s"] > 0 for c in report["cases"])
+    assert ("shards (raw)", "webdataset (threads)", "latents+image") in modes
     assert "| shards (png) | webdataset | latents+labels | 0 |" in (tmp_path / "loader_quick.md").read_text()

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -118,6 +119,38 @@ def test_round_trip_bit_exact(tmp_path, fmt):
             np.testing.assert_array_equal(sample["jpg"], np.asarray(Image.open(io.BytesIO(truth["encoded"][i]))))
         seen += 1
     assert seen == len(truth["labels"])
+
+
+def test_concurrent_readers_share_a_descriptor_budget(tmp_path):
+    # Four threads read every sample of 10 shards in different orders while the descriptor budget is 3:
+    # each thread evicts only from its own cache, so no read ever uses a descriptor another thread closed.
+    truth = write_dataset(tmp_path, num_samples=40, per_shard=4, image_format="raw")
+    shards = ShardSet(tmp_path)
+    shards._max_fds = 3
+    members = [MEMBER_LABEL, MEMBER_MOMENTS, shards.manifest.image_member]
+    errors = []
+
+    def read_all(order):
+        try:
+            for _ in range(3):
+                for i in order:
+                    got = shards.read(i, members)
+                    assert got[MEMBER_MOMENTS].tobytes() == truth["moments"][i].tobytes(), i
+                    assert shards.label(i, got[MEMBER_LABEL]) == truth["labels"][i], i
+        except Exception as exc:  # noqa: BLE001 - reported below with the thread's order
+            errors.append((order[:3], exc))
+
+    orders = [list(range(40)), list(range(39, -1, -1)), list(range(0, 40, 3)) + list(range(1, 40, 3)), [7] * 40]
+    threads = [threading.Thread(target=read_all, args=(o,)) for o in orders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert shards._open_fds <= shards._max_fds + len(threads)  # at most one over per thread
+    assert sum(len(c) for c in shards._fd_caches) == shards._open_fds
+    shards.close()
+    assert shards._open_fds == 0 and all(not c for c in shards._fd_caches)
 
 
 def test_decode_npy_fast_path_equals_numpy():

@@ -13,6 +13,8 @@ Suggested ``DataConfig`` keys (→ ``build_loader`` argument):
     kind: demo | webdataset | dali        → kind
     path: str | None                      → path (the directory holding manifest.json)
     num_workers: int = 4                  → num_workers (DataLoader workers / DALI python workers)
+    loader_threads: int = 0               → loader_threads (webdataset: threads in the training process
+                                            instead of workers; cheapest per core for raw images)
     prefetch: int = 2                     → prefetch (batches queued per worker / DALI queue depth)
     pin_memory: bool | None = None        → pin_memory (None: when the device is CUDA)
     flip: bool = False                    → flip (needs a dataset prepared with --flip-moments)
@@ -87,6 +89,7 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 4,
+    loader_threads: int = 0,
     start_step: int = 0,
     device: torch.device | str = "cpu",
     flip: bool = False,
@@ -114,6 +117,8 @@ def build_loader(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    if loader_threads and kind != "webdataset":
+        raise ValueError(f"loader_threads={loader_threads} applies to the webdataset kind only, not {kind!r}")
     device = torch.device(device)
     if kind == "demo":
         from erw_fast.data.demo import DemoShapesDataset
@@ -140,7 +145,8 @@ def build_loader(
         from erw_fast.data.wds_loader import WebDatasetLoader
 
         return WebDatasetLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
-                                prefetch_factor=prefetch, pin_memory=pin_memory, latent_scale=scale)
+                                num_threads=loader_threads, prefetch_factor=prefetch, pin_memory=pin_memory,
+                                latent_scale=scale)
     from erw_fast.data.dali_loader import DaliLoader
 
     return DaliLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,

@@ -35,6 +35,7 @@ import logging
 import os
 import resource
 import tarfile
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -471,17 +472,22 @@ class ShardSet:
         sl = slice(entry.first_index, entry.first_index + entry.num_samples)
         self.offsets[sl], self.sizes[sl] = index.offsets, index.sizes
 
-    # -- per-process state (file descriptors, scratch) -------------------------------------------------------
+    # -- per-process, per-thread state (file descriptors, scratch) ---------------------------------------------
 
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        # One descriptor cache per reading thread (loader threads read concurrently): a thread never sees a
+        # descriptor another thread's LRU eviction closed under it.
+        self._local = threading.local()
+        self._fd_caches: list[OrderedDict[int, int]] = []
+        self._fd_caches_lock = threading.Lock()
+        self._open_fds = 0
         self._max_fds = max(16, _raise_fd_limit(len(self._paths) + 256) - 128)
-        self._scratch = bytearray(_MAX_GAP)
+        self._scratch = bytearray(_MAX_GAP)  # sink for the gaps preadv skips; shared, its contents never read
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_fds", "_scratch", "_pid", "_max_fds"):
+        for k in ("_local", "_fd_caches", "_fd_caches_lock", "_open_fds", "_scratch", "_pid", "_max_fds"):
             state.pop(k, None)
         return state
 
@@ -489,24 +495,41 @@ class ShardSet:
         self.__dict__.update(state)
         self._init_process_state()
 
+    def _thread_fds(self) -> OrderedDict[int, int]:
+        fds = getattr(self._local, "fds", None)
+        if fds is None:
+            fds = self._local.fds = OrderedDict()
+            with self._fd_caches_lock:
+                self._fd_caches.append(fds)
+        return fds
+
     def _fd(self, sid: int) -> int:
         if self._pid != os.getpid():  # forked: descriptors are shared with the parent; keep our own
             self._init_process_state()
-        fd = self._fds.get(sid)
+        fds = self._thread_fds()
+        fd = fds.get(sid)
         if fd is not None:
-            self._fds.move_to_end(sid)
+            fds.move_to_end(sid)
             return fd
         fd = os.open(self._paths[sid], os.O_RDONLY)
-        self._fds[sid] = fd
-        if len(self._fds) > self._max_fds:
-            os.close(self._fds.popitem(last=False)[1])
+        fds[sid] = fd
+        with self._fd_caches_lock:  # the descriptor budget is shared by all threads; each evicts its own
+            self._open_fds += 1
+            evict = self._open_fds > self._max_fds and len(fds) > 1
+            self._open_fds -= evict
+        if evict:
+            os.close(fds.popitem(last=False)[1])
         return fd
 
     def close(self) -> None:
+        """Close every thread's descriptors (call when no thread is reading)."""
         if getattr(self, "_pid", None) == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            with self._fd_caches_lock:
+                for fds in self._fd_caches:
+                    for fd in fds.values():
+                        os.close(fd)
+                    fds.clear()
+                self._open_fds = 0
 
     # -- lookup -----------------------------------------------------------------------------------------------
 
