@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     # Must precede the first import of the kernel modules: Triton reads it when kernels are decorated.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from erw_fast.bench.common import time_ms  # noqa: E402
 
 TEMPERATURE = 0.1
 TOKENS = 256  # T for both benchmarks; NT-Xent's B is M / T
@@ -168,29 +169,6 @@ def run_correctness_preamble(device: torch.device | str | None = None, verbose: 
 
 
 # --------------------------------------------------------------------------------------------- timing
-
-
-def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> list[float]:
-    """Per-call wall times in ms: CUDA events on a GPU (one sync at the end), perf_counter elsewhere."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    torch.cuda.synchronize(device)
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
-    ]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def measure(

@@ -24,8 +24,7 @@ import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +36,8 @@ import triton  # noqa: E402
 from erw_fast.kernels import nt_xent, tiles  # noqa: E402
 from erw_fast.kernels.cosine import row_stats  # noqa: E402
 from erw_fast.kernels.tiles import LogitTiles  # noqa: E402
+
+from erw_fast.bench.common import time_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # 16-bit candidates (fp32 runs them with half the BLOCK_D, the same bytes per chunk). All compile without
@@ -57,26 +58,6 @@ TEMPERATURE = 0.1
 def _fp32_variant(text: str) -> LogitTiles:
     t = LogitTiles.parse(text)
     return LogitTiles(t.block_m, t.block_n, max(16, t.block_d // 2), t.num_warps, t.num_stages)
-
-
-def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda.synchronize(device)
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def _problem(kernel: str, groups: tuple[int, int, int, int], rows: int, d: int, dtype: torch.dtype, device):

@@ -321,6 +321,22 @@ def _split_grid(
     return tiles, (query_blocks, n_groups, splits), triton.cdiv(key_blocks, splits)
 
 
+def _geometry(
+    n: int, d: int, groups: tuple[int, int, int, int], blocks_per_split: int, temperature: float
+) -> dict[str, int | float]:
+    """The logit kernels' shared arguments: row/feature counts, candidate groups, key split, logit scale."""
+    group_size, _, group_stride, elem_stride = groups
+    return dict(
+        n_rows=n,
+        group_size=group_size,
+        group_stride=group_stride,
+        elem_stride=elem_stride,
+        D=d,
+        blocks_per_split=blocks_per_split,
+        scale_log2=LOG2E / temperature,
+    )
+
+
 def _lse(
     x: Tensor,
     y: Tensor,
@@ -331,7 +347,6 @@ def _lse(
     input_precision: str,
 ) -> Tensor:
     """Per-row LSE over each row's candidate keys (fp32, natural log)."""
-    group_size, _, group_stride, elem_stride = groups
     n, d = x.shape
     tiles, grid, blocks_per_split = _split_grid("lse", x, groups)
     splits = grid[2]
@@ -349,13 +364,7 @@ def _lse(
             NORM_Y=norm_y,
             OUT_M=out_m,
             OUT_L=out_l,
-            n_rows=n,
-            group_size=group_size,
-            group_stride=group_stride,
-            elem_stride=elem_stride,
-            D=d,
-            blocks_per_split=blocks_per_split,
-            scale_log2=LOG2E / temperature,
+            **_geometry(n, d, groups, blocks_per_split, temperature),
         ),
         dict(EPS=EPS, SPLIT=splits > 1, INPUT_PRECISION=precision, UPCAST=upcast, **tiles.constexprs()),
         tiles.options(),
@@ -381,7 +390,6 @@ def _grad_partials(
     input_precision: str,
 ) -> Tensor:
     """(splits, M, D) fp32 partial sums whose sum is sum_j G_ij k_j; a missing LSE drops its term."""
-    group_size, _, group_stride, elem_stride = groups
     n, d = x.shape
     tiles, grid, blocks_per_split = _split_grid("grad", x, groups, bytes_per_split=n * d * 4)
     precision, upcast = _utils.dot_settings(x.dtype, input_precision)
@@ -398,13 +406,7 @@ def _grad_partials(
             LSE_X=norm_x if lse_x is None else lse_x,  # dummies when absent
             LSE_Y=norm_y if lse_y is None else lse_y,
             ACC=acc,
-            n_rows=n,
-            group_size=group_size,
-            group_stride=group_stride,
-            elem_stride=elem_stride,
-            D=d,
-            blocks_per_split=blocks_per_split,
-            scale_log2=LOG2E / temperature,
+            **_geometry(n, d, groups, blocks_per_split, temperature),
             w_x=w_x,
             w_y=w_y,
         ),

@@ -7,7 +7,8 @@ import json
 import platform
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,28 @@ def peak_bf16_tflops(device_name: str) -> float | None:
         if pattern.lower() in device_name.lower():
             return peak
     return None
+
+
+def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> list[float]:
+    """Per-call wall times of ``fn`` in ms after ``warmup`` untimed calls: CUDA events on a GPU (one sync at the
+    end, so launches queue as in training), perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
