@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_suite.sh kernels   # #4: Triton NT-Xent / cosine vs PyTorch (+ correctness preamble)
 #   bash benchmarks/gpu_suite.sh train     # #7: erw-bench train (eager / regional compile / reference step),
 #                                          #     a profiled step, and the cost report with measured seconds
+#   bash benchmarks/gpu_suite.sh attention # #7: the full step with each SDPA kernel pinned (256 tokens, head dim 72)
 #   bash benchmarks/gpu_suite.sh engines   # #6: single-GPU step time, DDP engine vs DeepSpeed ZeRO-0/1/2
 #   bash benchmarks/gpu_suite.sh tests     # the CUDA-only tests (no host sync in the step, GPU bench, checkpoints)
 #   bash benchmarks/gpu_suite.sh tune      # #4: measure candidate NT-Xent tiles; winners -> $DEST/tuned_tiles.json
@@ -31,6 +32,10 @@ case "${1:-}" in
       --warmup 3 --compile on --profile "$DEST" --profile-steps 2 --out "$DEST" --name train_profile
     timeout 60 "$PY" -m erw_fast.cli.bench cost --measure --measure-batch 32 --out "$DEST" --name cost_measured
     ;;
+  attention)
+    timeout 540 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases full --steps 10 --warmup 3 \
+      --attn-backend sdpa sdpa_flash sdpa_efficient sdpa_cudnn math --out "$DEST" --name train_attention
+    ;;
   engines)
     timeout 540 "$PY" benchmarks/bench_engines.py --model SiT-XL/2 --batch 32 --precision bf16 --out "$DEST" \
       --tag engines_gpu --scratch /tmp/bench_engines
@@ -46,7 +51,7 @@ case "${1:-}" in
       --dtype bf16 --d 768 1024 --rows 8192 --position-batches 32 256
     ;;
   *)
-    echo "usage: $0 kernels|train|engines|tests|tune" >&2
+    echo "usage: $0 kernels|train|attention|engines|tests|tune" >&2
     exit 2
     ;;
 esac

@@ -105,6 +105,26 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
         assert doc["speedups"] == []
 
 
+def test_train_bench_sweeps_attention_backends(tmp_path: Path) -> None:
+    # Two backends, each its own variant; same seeds and data, so both runs end at the same loss.
+    args = ["train", *TINY, "--batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu", "--phases", "full",
+            "--attn-backend", "sdpa", "math", "--out", str(tmp_path), "--name", "a"]
+    assert bench.main(args) == 0
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert [(r["variant"], r["attention"]) for r in doc["results"]] == [("fast@sdpa", "sdpa"), ("fast@math", "math")]
+    losses = [r["final_loss"] for r in doc["results"]]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert "fast@math" in (tmp_path / "a.md").read_text()
+    # The figure draws each case's median breakdown: the bars of a row add up to that row's regions.
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = bench.train_figure(doc).axes[0]
+    bars = list(ax.patches)
+    per_region = len(doc["results"])
+    for i, r in enumerate(doc["results"]):
+        drawn = sum(bars[k * per_region + i].get_width() for k in range(len(bench.REGIONS)))
+        assert drawn == pytest.approx(sum(r["breakdown_median_s"].values()) * 1e3)
+
+
 def test_train_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     base = ["train", *TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]
     assert bench.main([*base, "--phases", "phase2"]) == 2
@@ -112,6 +132,8 @@ def test_train_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_p
     # 8 px latents / patch 2 = 16 tokens, but DINOv2-B at 256 px yields 256: a clear token-count error
     assert bench.main([*base, "--encoder", "dinov2-vit-b", "--encoder-resolution", "256"]) == 2
     assert "token-count mismatch" in capsys.readouterr().err
+    assert bench.main([*base, "--attn-backend", "sdpa", "flash-attention"]) == 2
+    assert "unknown attention backend 'flash-attention'" in capsys.readouterr().err
     # the real SiT-XL/2 on CPU is refused before anything is built
     assert bench.main(["train", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "too slow" in capsys.readouterr().err

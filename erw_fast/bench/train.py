@@ -99,7 +99,7 @@ class TrainSettings:
     compile_mode: str = "default"
     profile_dir: str | None = None  # write a Chrome trace of a few profiled steps per measurement here
     profile_steps: int = 3
-    attn_backend: str = "auto"
+    attn_backends: list[str] = field(default_factory=lambda: ["sdpa"])  # one or more: each is its own variant
     alignment_backend: str = "auto"
     reference_step: bool = False
     lr: float = 1e-4
@@ -110,8 +110,18 @@ class TrainSettings:
 
 
 def _variants(s: TrainSettings) -> list[str]:
+    """Variant labels: fast (eager / compiled), per attention backend when several are swept, and reference."""
     fast = {"off": ["fast"], "on": ["fast+compile"], "both": ["fast", "fast+compile"]}[s.compile]
+    if len(s.attn_backends) > 1:
+        fast = [f"{v}@{backend}" for backend in s.attn_backends for v in fast]
     return fast + (["reference"] if s.reference_step else [])
+
+
+def _variant_backend(s: TrainSettings, variant: str) -> str:
+    """The attention backend a variant runs: the reference uses plain SDPA, as the reference code does."""
+    if variant == "reference":
+        return "sdpa"
+    return variant.split("@", 1)[1] if "@" in variant else s.attn_backends[0]
 
 
 def _build_model(phase: str, work: Workload, attn_backend: str, z_dims: Sequence[int]) -> torch.nn.Module:
@@ -168,8 +178,9 @@ def _bench_variant(
     aligns = phase != "sit"
     z_dims = work.z_dims()
     torch.manual_seed(s.seed)
-    model = _build_model(phase, work, "sdpa" if reference else s.attn_backend, z_dims).to(device).train()
-    if variant == "fast+compile":
+    attention = _variant_backend(s, variant)
+    model = _build_model(phase, work, attention, z_dims).to(device).train()
+    if variant.split("@")[0] == "fast+compile":
         from erw_fast.compile import compile_model
 
         train_model = compile_model(model, s.compile_scope, s.compile_mode)
@@ -258,7 +269,7 @@ def _bench_variant(
     achieved = flop / median / 1e12
     result = {
         "phase": phase, "variant": variant, "batch": batch, "status": "ok", "steps": s.steps,
-        "precision": precision, "attention": "sdpa" if reference else s.attn_backend,
+        "precision": precision, "attention": attention,
         "img_per_s": batch * s.steps / wall, "step_time_s": wall / s.steps, "step_time_median_s": median,
         "breakdown_median_s": {k: statistics.median(r.get(k, 0.0) for r in per_step) for k in REGIONS},
         "gflops_per_step": flop / 1e9, "achieved_tflops": achieved,
@@ -426,3 +437,38 @@ def render_train_markdown(doc: dict[str, Any]) -> str:
                             [[x["phase"], x["batch"], x["variant"], f"{x['reference_img_per_s']:.1f}",
                               f"{x['img_per_s']:.1f}", f"{x['speedup']:.2f}x"] for x in doc["speedups"]]), ""]
     return "\n".join(lines)
+
+
+def train_figure(doc: dict[str, Any]) -> Any:
+    """One horizontal bar per timed case: the median step split into its regions (ms), img/s and MFU beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in doc["results"] if r["status"] == "ok"]
+    fig = Figure(figsize=(10, 1.2 + 0.45 * max(1, len(rows))), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ys = list(range(len(rows)))[::-1]  # first case on top
+    left = [0.0] * len(rows)
+    for i, region in enumerate(REGIONS):
+        widths = [r["breakdown_median_s"][region] * 1e3 for r in rows]
+        ax.barh(ys, widths, left=left, color=f"C{i}", label=region)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for y, r, end in zip(ys, rows, left, strict=True):
+        mfu = f", MFU {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
+        ax.annotate(f" {r['img_per_s']:.0f} img/s{mfu}", (end, y), va="center", fontsize=8)
+    ax.set_yticks(ys, [f"{r['phase']} {r['variant']} b={r['batch']}" for r in rows], fontsize=8)
+    ax.set_xlabel("median step time (ms), by region")
+    ax.set_xlim(0, max(left, default=1.0) * 1.35)  # room for the annotations
+    dev, w = doc["device"], doc["settings"]["work"]
+    ax.set_title(f"{w['model']} training step on {dev['name']}", fontsize=10)
+    ax.legend(fontsize=8, ncol=len(REGIONS), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_train(doc: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train_figure(doc).savefig(path, format="png")
+    return path

@@ -35,12 +35,15 @@ from erw_fast.bench.train import (
     TrainSettings,
     _reference_cosine_loop,
     _reference_ema,
+    plot_train,
     render_train_markdown,
     run_train_benchmark,
+    train_figure,
 )
 
 __all__ = [  # the CLI, and what tests and scripts import from here
     "REGIONS",
+    "train_figure",
     "RegionTimer",
     "Workload",
     "_reference_cosine_loop",
@@ -110,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from erw_fast.models import resolve_attention_backend
 
     try:
-        attn_backend = resolve_attention_backend(args.attn_backend)
+        attn_backends = list(dict.fromkeys(resolve_attention_backend(name) for name in args.attn_backend))
     except RuntimeError as error:  # a backend that cannot run here is a usage error, not a crash
         raise ValueError(str(error)) from error
     settings = TrainSettings(
@@ -118,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, warmup=args.warmup, device=args.device, precision=args.precision, compile=args.compile,
         compile_scope=args.compile_scope, compile_mode=args.compile_mode, profile_dir=args.profile,
         profile_steps=args.profile_steps,
-        attn_backend=attn_backend, alignment_backend=args.alignment_backend,
+        attn_backends=attn_backends, alignment_backend=args.alignment_backend,
         reference_step=args.reference_step, seed=args.seed,
     )
     if settings.steps < 1:
@@ -130,8 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _write_json(out / f"{name}.json", doc)
     md = render_train_markdown(doc)
     (out / f"{name}.md").write_text(md + "\n")
+    plot_train(doc, out / f"{name}.png")
     print(md)
-    print(f"\nwrote {out / name}.{{json,md}}")
+    print(f"\nwrote {out / name}.{{json,md,png}}")
     return 0 if all(r["status"] == "ok" for r in doc["results"]) else 1
 
 
@@ -172,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also profile a few steps per measurement: Chrome traces with a range per step "
                             "region (NVTX ranges on CUDA for Nsight Systems)")
     train.add_argument("--profile-steps", type=int, default=3)
-    train.add_argument("--attn-backend", default="auto", help="auto | sdpa | math | flash_attn | xformers")
+    train.add_argument("--attn-backend", nargs="+", default=["auto"],
+                       help="one or more of auto | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | math | flash_attn "
+                            "| xformers; several are swept, each its own variant (fast@<backend>)")
     train.add_argument("--alignment-backend", choices=("auto", "torch", "triton"), default="auto")
     train.add_argument("--reference-step", action="store_true",
                        help="also time the reference's way of running the step (per-sample alignment loop, fp16 "
