@@ -277,7 +277,7 @@ class Trainer:
             f"phase {phase.name}: steps [{phase.start}, {phase.end}), {type(model).__name__} with "
             f"{len(model.blocks)} blocks, {n_params / 1e6:.2f}M trainable parameters, attention "
             f"{describe_attention_backend(model.attention_backend)}, alignment "
-            f"{self.alignment.objective}/{self.alignment.backend if phase.aligns else '-'}"
+            f"{self.alignment.objective}/{self.alignment.backend if phase.aligns else '-'}{self._kernel_tiles(phase)}"
         )
         self.log(f"engine: {self.engine.describe()} ({self.engine_reason}; built in {self.engine_build_s:.2f}s)")
         ds_config = getattr(self.engine, "ds_config", None)
@@ -286,6 +286,14 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(ds_config, indent=2) + "\n")
             self.log(f"DeepSpeed config (generated + merged): {path}")
+
+    def _kernel_tiles(self, phase: Phase) -> str:
+        """' (<tile source>)' when this phase runs the Triton NT-Xent kernels, else ''."""
+        if not (phase.aligns and self.alignment.objective == "nt_xent" and self.alignment.backend == "triton"):
+            return ""
+        from erw_fast.kernels.tiles import describe_tiles
+
+        return f" ({describe_tiles(self.device)})"
 
     # --------------------------------------------------------------------------------------- checkpoints
 

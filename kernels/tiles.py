@@ -232,3 +232,17 @@ def logit_tiles(kernel: str, group_size: int, d: int, dtype: torch.dtype, device
         if found is not None:
             return found
     return default_tiles(kernel, group_size, d, dtype)
+
+
+def describe_tiles(device: torch.device) -> str:
+    """Where the NT-Xent kernels on `device` take their tiles from, for run logs."""
+    if _utils.interpreting():
+        return "interpreter tiles"
+    if device.type != "cuda":
+        return "no CUDA device"
+    name = _device_name(device.index or 0)
+    path = Path(os.environ.get("ERW_TUNED_TILES", TUNED_TABLE))
+    measured = _load_table(str(path)).get(name)
+    if measured:
+        return f"measured tiles for {name} ({len(measured)} entries in {path.name})"
+    return f"static default tiles (no measurements for {name} in {path.name})"
