@@ -101,6 +101,53 @@ def _raw_logits(
 
 
 @triton.jit
+def _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query rows (of group program_id(1)), their mask, and their logit scale log2(e) / (tau |x|)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < group_size
+    rows = tl.program_id(1) * group_stride + offs_m * elem_stride
+    # log2(e)/tau folded into the row scale: the softmax runs on exp2, the cheap hardware op.
+    row_scale = scale_log2 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    return rows, row_mask, row_scale
+
+
+@triton.jit
+def _key_range(blocks_per_split, group_size, BLOCK_N: tl.constexpr):
+    """[n_lo, n_hi): the key positions of this program's split (program_id(2)) within its group."""
+    n_lo = tl.program_id(2) * blocks_per_split * BLOCK_N
+    return n_lo, tl.minimum(n_lo + blocks_per_split * BLOCK_N, group_size)
+
+
+@triton.jit
+def _logit_tile(
+    X,
+    Y,
+    NORM_Y,
+    rows,
+    row_mask,
+    row_scale,
+    n0,
+    group_size,
+    group_stride,
+    elem_stride,
+    D,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Base-2 logits s_ij * log2(e) of the key block starting at n0, with its key rows, mask and 1/|y|."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < group_size
+    cols = tl.program_id(1) * group_stride + offs_n * elem_stride
+    col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
+    s = _raw_logits(X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST)
+    return s * row_scale[:, None] * col_scale[None, :], cols, col_mask, col_scale
+
+
+@triton.jit
 def _lse_kernel(
     X,
     Y,
@@ -130,24 +177,16 @@ def _lse_kernel(
     its running max and sum (base 2) to row s of OUT_M / OUT_L, (splits, n_rows) each; the caller merges
     them. Splitting keys gives small problems enough programs to fill the GPU (flash-decoding's idea).
     """
-    group = tl.program_id(1)
     split = tl.program_id(2)
-    n_lo = split * blocks_per_split * BLOCK_N
-    n_hi = tl.minimum(n_lo + blocks_per_split * BLOCK_N, group_size)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < group_size
-    rows = group * group_stride + offs_m * elem_stride
-    # log2(e)/tau folded into the row scale: the online softmax runs on exp2, the cheap hardware op.
-    row_scale = scale_log2 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    n_lo, n_hi = _key_range(blocks_per_split, group_size, BLOCK_N)
+    rows, row_mask, row_scale = _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS, BLOCK_M)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_mask = offs_n < group_size
-        cols = group * group_stride + offs_n * elem_stride
-        col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
-        s = _raw_logits(X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST)
-        s = s * row_scale[:, None] * col_scale[None, :]
+        s, _cols, col_mask, _col_scale = _logit_tile(
+            X, Y, NORM_Y, rows, row_mask, row_scale, n0, group_size, group_stride, elem_stride, D, EPS,
+            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
         # Every key block holds at least one valid column (no split is empty, see tiles.key_splits), so m_new
         # is finite and no inf - inf occurs.
         s = tl.where(col_mask[None, :], s, float("-inf"))
@@ -193,26 +232,19 @@ def _grad_kernel(
     ACC is (splits, n_rows, D): program_id(2) = s sums key blocks [s * blocks_per_split, ...) into ACC[s]
     (partials, summed by `_normalize_bwd_kernel`), so no two programs write the same element.
     """
-    group = tl.program_id(1)
     split = tl.program_id(2)
-    n_lo = split * blocks_per_split * BLOCK_N
-    n_hi = tl.minimum(n_lo + blocks_per_split * BLOCK_N, group_size)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < group_size
-    rows = group * group_stride + offs_m * elem_stride
-    row_scale = scale_log2 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    n_lo, n_hi = _key_range(blocks_per_split, group_size, BLOCK_N)
+    rows, row_mask, row_scale = _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS, BLOCK_M)
     if HAS_LSE_X:
         lse_x = tl.load(LSE_X + rows, mask=row_mask, other=0.0) * 1.4426950408889634
     else:
         lse_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_base = (split.to(tl.int64) * n_rows + rows.to(tl.int64))[:, None] * D
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_mask = offs_n < group_size
-        cols = group * group_stride + offs_n * elem_stride
-        col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
-        s = _raw_logits(X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST)
-        s = s * row_scale[:, None] * col_scale[None, :]
+        s, cols, col_mask, col_scale = _logit_tile(
+            X, Y, NORM_Y, rows, row_mask, row_scale, n0, group_size, group_stride, elem_stride, D, EPS,
+            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
         p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_LSE_X:
             p += w_x * tl.exp2(s - lse_x[:, None])
