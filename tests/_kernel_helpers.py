@@ -10,6 +10,14 @@ import torch
 # mantissa bits, so their errors sit near 1e-2 / 1e-3.
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
+# Where the kernels run: compiled on a GPU, else under the interpreter on the CPU (conftest sets it).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_kernel_device():
+    """Context in which tensor factories default to DEVICE (a test module's autouse fixture enters it)."""
+    return torch.device(DEVICE)
+
 
 def poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every kernel output/scratch buffer start as NaN, so an element no kernel writes shows up."""

@@ -42,7 +42,7 @@ def test_preamble_cases_pass(bench):
 def test_timing_and_report_on_tiny_shapes(bench, tmp_path):
     # The GPU code path minus CUDA events/memory stats: tiny shapes, perf_counter timing, eager "compile".
     records = bench.run_benchmarks(
-        torch.device("cpu"),
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"),  # where the kernels can run
         nt_xent_shapes=[(24, 16)],
         cosine_shapes=[(2, 8, 16)],
         dtype=torch.float32,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _kernel_helpers import REL_TOL, assert_close, poison_allocations
+from _kernel_helpers import DEVICE, REL_TOL, assert_close, on_kernel_device, poison_allocations
 from erw_fast.kernels import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
@@ -22,6 +22,12 @@ def _poison(monkeypatch):
     poison_allocations(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def _on_kernel_device():
+    with on_kernel_device():
+        yield
+
+
 def reference_cosine(proj, target):
     """REPA's projection loss for one projector, in float64, written as its per-sample loop."""
     loss = 0.0
@@ -34,8 +40,8 @@ def reference_cosine(proj, target):
 
 def check_against_reference(shape, dtype, seed=0, zero_rows=()):
     gen = torch.Generator().manual_seed(seed)
-    proj = torch.randn(shape, generator=gen).to(dtype)
-    target = torch.randn(shape, generator=gen).to(dtype)
+    proj = torch.randn(shape, generator=gen, device="cpu").to(DEVICE, dtype)
+    target = torch.randn(shape, generator=gen, device="cpu").to(DEVICE, dtype)
     for tensor, (b, t) in zip((proj, target), zero_rows, strict=False):
         tensor[b, t] = 0.0
     proj.requires_grad_()

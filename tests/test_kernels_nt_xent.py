@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _kernel_helpers import REL_TOL, assert_close, poison_allocations
+from _kernel_helpers import DEVICE, REL_TOL, assert_close, on_kernel_device, poison_allocations
 from erw_fast.kernels import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
@@ -31,6 +31,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     poison_allocations(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _on_kernel_device():
+    with on_kernel_device():
+        yield
 
 
 def reference_nt_xent(proj, target, temperature, negatives, symmetric):
@@ -52,8 +58,8 @@ def reference_nt_xent(proj, target, temperature, negatives, symmetric):
 
 def make_inputs(shape, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    proj = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
-    target = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+    proj = torch.randn(shape, generator=gen, device="cpu").to(DEVICE, dtype).requires_grad_()
+    target = torch.randn(shape, generator=gen, device="cpu").to(DEVICE, dtype).requires_grad_()
     return proj, target
 
 

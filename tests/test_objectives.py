@@ -210,8 +210,9 @@ def test_diffusion_loss_matches_manual_computation():
 def test_triton_backend_dispatch_matches_torch_reference(negatives):
     """The public functions route to the fused kernels (interpreted on CPU) with the same semantics."""
     torch.manual_seed(0)
-    proj = torch.randn(2, 9, 24, requires_grad=True)
-    target = torch.randn(2, 9, 24)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels' device (interpreter on the CPU)
+    proj = torch.randn(2, 9, 24, device=device, requires_grad=True)
+    target = torch.randn(2, 9, 24, device=device)
     results = {}
     for backend in ("torch", "triton"):
         loss = nt_xent_loss(proj, target, temperature=0.2, negatives=negatives, symmetric=True, backend=backend)
