@@ -3,6 +3,10 @@
 Importing this package is cheap and works without Triton: the kernel modules (which need Triton, and read
 TRITON_INTERPRET when their kernels are decorated) load on first use of `nt_xent_triton` or
 `cosine_alignment_triton`. Check `triton_available()` before calling them.
+
+Modules: `nt_xent` and `cosine` (each kernel beside its custom op and autograd wrapper), `tiles` (tile sizes and
+key splits), `launch` (a launch as data), `aot` (compile every launch for sm_80/sm_90 without a GPU and report
+registers, spills, shared memory and pipelining: `python -m erw_fast.kernels.aot`).
 """
 
 from __future__ import annotations

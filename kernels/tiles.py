@@ -1,6 +1,7 @@
 """Tile sizes of the NT-Xent logit kernels (`lse` forward, `grad` backward).
 
 Where a launch takes its tiles from, first match wins:
+  0. tiles `pinned` for the kernel (the tuner sweeps candidates this way);
   1. the interpreter: few large tiles, since each interpreted op costs Python time, not FLOPs;
   2. `tuned_tiles.json` beside this file: per GPU name, written by `benchmarks/tune_alignment_kernels.py`
      from measured times (so a run on that GPU uses the fastest measured tiles, the same ones every step);
