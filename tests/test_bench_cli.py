@@ -97,6 +97,15 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
         assert r["gflops_per_step"] == pytest.approx(work.step_breakdown(r["phase"], 4).training() / 1e9)
         assert r["achieved_tflops"] == pytest.approx(r["gflops_per_step"] / 1e3 / r["step_time_median_s"])
         assert r["precision"] == ("fp16" if r["variant"] == "reference" else "fp32")
+    by_key = {(r["phase"], r["variant"]): r for r in doc["results"]}
+    assert {(x["variant"], x["batch"]) for x in doc["phase1_ratios"]} == {(v, 4) for v in variants}
+    for x in doc["phase1_ratios"]:
+        warm, full = by_key[("warmup", x["variant"])], by_key[("full", x["variant"])]
+        share = warm["gflops_per_step"] / full["gflops_per_step"]
+        assert 0 < share < 1 and x["flop_share"] == pytest.approx(share)
+        assert x["ratio"] == pytest.approx(warm["step_time_median_s"] / (share * full["step_time_median_s"]))
+        assert x["meets_target"] == (x["ratio"] <= 1.15)
+    assert "Phase 1 step time against its FLOP share" in (tmp_path / "t.md").read_text()
     if reference:
         assert {(s["phase"], s["variant"]) for s in doc["speedups"]} == {("warmup", "fast"), ("full", "fast")}
         assert all(s["speedup"] > 0 for s in doc["speedups"])

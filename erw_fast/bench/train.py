@@ -380,6 +380,7 @@ def run_train_benchmark(s: TrainSettings) -> dict[str, Any]:
                                         "the trained parts + teacher forward; MFU against the dense bf16 peak"},
         "results": results,
         "speedups": _speedups(results),
+        "phase1_ratios": _phase1_ratios(results),
     }
 
 
@@ -393,6 +394,30 @@ def _speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append({"phase": ref["phase"], "batch": ref["batch"], "variant": fast["variant"],
                             "reference_img_per_s": ref["img_per_s"], "img_per_s": fast["img_per_s"],
                             "speedup": fast["img_per_s"] / ref["img_per_s"]})
+    return out
+
+
+# Issue target: the warmup step may cost at most this much more than its share of the full step's FLOPs.
+PHASE1_RATIO_TARGET = 1.15
+
+
+def _phase1_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (variant, batch): warmup step time / (warmup FLOPs / full FLOPs x full step time), from the medians.
+
+    1.0 means Phase 1 costs exactly its FLOP share; overheads that do not shrink with the model (teacher, data,
+    launch latency, optimizer over the embedders) push it above.
+    """
+    ok = {(r["phase"], r["variant"], r["batch"]): r for r in results if r["status"] == "ok"}
+    out = []
+    for (phase, variant, batch), warm in ok.items():
+        full = ok.get(("full", variant, batch))
+        if phase != "warmup" or full is None:
+            continue
+        share = warm["gflops_per_step"] / full["gflops_per_step"]
+        ratio = warm["step_time_median_s"] / (share * full["step_time_median_s"])
+        out.append({"variant": variant, "batch": batch, "flop_share": share,
+                    "warmup_step_s": warm["step_time_median_s"], "full_step_s": full["step_time_median_s"],
+                    "ratio": ratio, "target": PHASE1_RATIO_TARGET, "meets_target": ratio <= PHASE1_RATIO_TARGET})
     return out
 
 
@@ -431,6 +456,14 @@ def render_train_markdown(doc: dict[str, Any]) -> str:
             *_telemetry_cells(r.get("gpu_telemetry", {})),
         ])
     lines += [_md_table(header, rows), ""]
+    if doc.get("phase1_ratios"):
+        lines += ["## Phase 1 step time against its FLOP share of the full step", "",
+                  "ratio = warmup step / (warmup FLOPs ÷ full FLOPs × full step); target ≤ "
+                  f"{PHASE1_RATIO_TARGET}.", "",
+                  _md_table(["variant", "batch", "FLOP share", "warmup ms", "full ms", "ratio", "target met"],
+                            [[x["variant"], x["batch"], f"{x['flop_share']:.3f}", f"{x['warmup_step_s'] * 1e3:.1f}",
+                              f"{x['full_step_s'] * 1e3:.1f}", f"{x['ratio']:.2f}",
+                              "yes" if x["meets_target"] else "no"] for x in doc["phase1_ratios"]]), ""]
     if doc["speedups"]:
         lines += ["## Speed-up over the reference step (same run)", "",
                   _md_table(["phase", "batch", "variant", "reference img/s", "img/s", "speed-up"],
