@@ -5,7 +5,8 @@
 
 NT-Xent (token-level InfoNCE, batch negatives, tau = 0.1, one-sided), bf16, M = B*T in {4096, 16384, 65536}
 x D in {768, 1024}:  Triton kernel vs naive PyTorch (materialised logits + F.cross_entropy) vs
-torch.compile(naive).  Cosine alignment (REPA), bf16, B in {32, 256}, T = 256, D = 768: Triton kernel vs
+torch.compile(naive) vs the PyTorch backend's chunked form (fp32 GEMMs on 256 MiB row chunks of the logits).
+Cosine alignment (REPA), bf16, B in {32, 256}, T = 256, D = 768: Triton kernel vs
 REPA's per-sample Python loop vs a vectorised PyTorch version.
 
 Each case is timed for fwd, bwd (autograd.grad on a retained graph) and fwd+bwd: the median of --reps
@@ -243,11 +244,24 @@ def run_benchmarks(
     from erw_fast.kernels.cosine import cosine_alignment_triton
     from erw_fast.kernels.nt_xent import nt_xent_triton
 
+    from erw_fast.objectives.nt_xent_chunked import nt_xent_batch_chunked
+
     def triton_nt_xent(p, t):
         return nt_xent_triton(p, t, TEMPERATURE, "batch")
 
+    def chunked_nt_xent(p, t):  # the PyTorch backend's large-M form: cuBLAS GEMMs on row chunks of the logits
+        b, tt, d = p.shape
+        q = F.normalize(p.reshape(b * tt, d).float(), dim=-1)
+        k = F.normalize(t.reshape(b * tt, d).float(), dim=-1)
+        return nt_xent_batch_chunked(q, k, TEMPERATURE, False)
+
     compiled_naive = torch.compile(naive_nt_xent, backend=compile_backend, dynamic=False)
-    nt_impls = {"triton": triton_nt_xent, "naive": naive_nt_xent, "compiled_naive": compiled_naive}
+    nt_impls = {
+        "triton": triton_nt_xent,
+        "naive": naive_nt_xent,
+        "compiled_naive": compiled_naive,
+        "chunked_torch": chunked_nt_xent,
+    }
     cos_impls = {
         "triton": cosine_alignment_triton,
         "repa_loop": repa_loop_cosine,

@@ -106,12 +106,22 @@ def _info_nce_rows(q: torch.Tensor, k: torch.Tensor, temperature: float, negativ
     return torch.logsumexp(logits, dim=-1) - positives
 
 
+# Above this many bytes of fp32 batch-negative logits the PyTorch backend builds them in row chunks instead
+# (``nt_xent_chunked``): M = 8192 tokens (32 images of 256) is exactly this, M = 65536 would need 17 GB.
+MATERIALISE_LIMIT_BYTES = 256 * 2**20
+
+
 def nt_xent_torch(
     proj: torch.Tensor, target: torch.Tensor, temperature: float, negatives: str, symmetric: bool
 ) -> torch.Tensor:
     with _fp32_region(proj):
         q = F.normalize(proj.float(), dim=-1)
         k = F.normalize(target.float(), dim=-1)
+        m = q.shape[0] * q.shape[1]
+        if negatives == "batch" and 4 * m * m > MATERIALISE_LIMIT_BYTES:
+            from erw_fast.objectives.nt_xent_chunked import nt_xent_batch_chunked
+
+            return nt_xent_batch_chunked(q.reshape(m, -1), k.reshape(m, -1), temperature, symmetric)
         loss = _info_nce_rows(q, k, temperature, negatives).mean()
         if symmetric:
             loss = 0.5 * (loss + _info_nce_rows(k, q, temperature, negatives).mean())

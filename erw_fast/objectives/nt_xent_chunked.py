@@ -1,0 +1,92 @@
+"""Batch-negative NT-Xent in PyTorch with the logits built a chunk of query rows at a time.
+
+The plain form materialises the M x M logits (M = B·T tokens): 17 GB in fp32 at B = 256, T = 256. Here the
+forward keeps only per-row log-sum-exps (and, for the symmetric loss, a running per-column max and sum) and the
+backward recomputes each chunk's logits, so memory is O(chunk · M + M · D). It is the PyTorch backend's form
+for large M (``alignment.nt_xent_torch`` switches to it) and a second implementation beside the Triton kernel.
+
+With q, k the normalised rows, s = q kᵀ / τ, P = softmax over each row and P' over each column, the loss is
+mean_i (lse_i − s_ii) (symmetric: the average with mean_j (lse'_j − s_jj)) and
+
+    dL/dq = (G k − k) / (M τ),   dL/dk = (Gᵀ q − q) / (M τ),   G = P (symmetric: (P + P') / 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Bytes of fp32 logits one chunk may hold; the backward keeps about three such buffers alive at once.
+CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows_for(m: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Query rows per chunk so that one (rows, M) fp32 block stays within `chunk_bytes`."""
+    return max(1, min(m, chunk_bytes // (4 * m)))
+
+
+class _ChunkedInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, temperature: float, symmetric: bool, chunk_rows: int) -> Tensor:
+        m = q.shape[0]
+        inv_tau = 1.0 / temperature
+        lse_row = torch.empty(m, dtype=q.dtype, device=q.device)
+        col_max = torch.full((m,), -math.inf, dtype=q.dtype, device=q.device)
+        col_sum = torch.zeros(m, dtype=q.dtype, device=q.device)
+        for r0 in range(0, m, chunk_rows):
+            logits = (q[r0 : r0 + chunk_rows] @ k.T) * inv_tau
+            lse_row[r0 : r0 + chunk_rows] = torch.logsumexp(logits, dim=1)
+            if symmetric:  # online log-sum-exp down the columns, one chunk of rows at a time
+                new_max = torch.maximum(col_max, logits.amax(dim=0))
+                col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(logits - new_max).sum(dim=0)
+                col_max = new_max
+        positive = (q * k).sum(dim=1) * inv_tau
+        loss = (lse_row - positive).mean()
+        lse_col = col_max + torch.log(col_sum) if symmetric else lse_row.new_empty(0)
+        if symmetric:
+            loss = 0.5 * (loss + (lse_col - positive).mean())
+        ctx.save_for_backward(q, k, lse_row, lse_col)
+        ctx.settings = (inv_tau, symmetric, chunk_rows)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, lse_row, lse_col = ctx.saved_tensors
+        inv_tau, symmetric, chunk_rows = ctx.settings
+        m = q.shape[0]
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq = torch.empty_like(q) if need_q else None
+        dk = torch.zeros_like(k) if need_k else None
+        for r0 in range(0, m, chunk_rows):
+            rows = slice(r0, r0 + chunk_rows)
+            logits = (q[rows] @ k.T) * inv_tau
+            g = torch.exp(logits - lse_row[rows, None])
+            if symmetric:
+                g = 0.5 * (g + torch.exp(logits - lse_col[None, :]))
+            if need_q:
+                dq[rows] = g @ k
+            if need_k:
+                dk += g.T @ q[rows]
+        scale = grad * inv_tau / m
+        return (
+            (dq - k) * scale if need_q else None,
+            (dk - q) * scale if need_k else None,
+            None,
+            None,
+            None,
+        )
+
+
+def nt_xent_batch_chunked(
+    q: Tensor, k: Tensor, temperature: float, symmetric: bool, chunk_rows: int | None = None
+) -> Tensor:
+    """NT-Xent over all M rows of normalised (M, D) q and k, differentiable in both; `chunk_rows` default:
+    `chunk_rows_for(M)`."""
+    if q.dim() != 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must be (M, D) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(q.shape[0])
+    if rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {rows}")
+    return _ChunkedInfoNCE.apply(q, k, float(temperature), bool(symmetric), int(rows))
