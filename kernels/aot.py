@@ -87,11 +87,43 @@ def _require_compiled(launch: Launch) -> None:
         )
 
 
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                    torch.int32: "i32", torch.uint8: "u8"}
+
+
+def _documented_rule(value: Any) -> tuple[str, Any]:
+    """Triton's specialisation rule, for Triton versions whose native helper differs: pointers and ints
+    divisible by 16 get the divisibility hint ("D"), ints equal to 1 become constants."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):
+        return "i1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    raise TypeError(f"cannot specialise a {type(value).__name__} argument")
+
+
+def _specializer():
+    try:  # the JIT's own rule (Triton 3.3+)
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        native_specialize_impl(BaseBackend, 16, False, True, True)
+        return lambda value: native_specialize_impl(BaseBackend, value, False, True, True)
+    except (ImportError, TypeError):
+        return _documented_rule
+
+
 def specialize(launch: Launch) -> tuple[dict[str, str], dict[tuple[int], Any], dict[tuple[int], Any]]:
     """(signature, constexprs, attrs) for `triton.compile`, as the JIT derives them at a launch."""
-    from triton._C.libtriton import native_specialize_impl  # the JIT's own specialisation rule
     from triton.backends.compiler import BaseBackend
 
+    rule = _specializer()
     kernel = launch.kernel
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
@@ -100,7 +132,7 @@ def specialize(launch: Launch) -> tuple[dict[str, str], dict[tuple[int], Any], d
             continue
         if name not in launch.args:
             raise KeyError(f"{launch.name}: no value for kernel argument {name!r}")
-        kind, spec = native_specialize_impl(BaseBackend, launch.args[name], False, True, True)
+        kind, spec = rule(launch.args[name])
         signature[name] = kind
         if kind == "constexpr":
             constexprs[(index,)] = spec
