@@ -49,9 +49,6 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-_PINNED_KEYS = ("moments", "images", "features")
-
-
 class _ThreadedSteps(Iterator[dict[str, Any]]):
     """Steps start, start + 1, … assembled by a thread pool in this process, returned in order.
 
@@ -65,12 +62,8 @@ class _ThreadedSteps(Iterator[dict[str, Any]]):
         self._next, self._depth = start, max(1, depth)
 
     def _load(self, step: int) -> dict[str, Any]:
-        batch = self._assembler.load_step(step)
-        if self._pin:  # in the loading thread, like the DataLoader's pin-memory thread
-            for key in _PINNED_KEYS:
-                if key in batch:
-                    batch[key] = batch[key].pin_memory()
-        return batch
+        # Pinned batches are assembled in page-locked buffers directly: no pin-memory copy afterwards.
+        return self._assembler.load_step(step, pin_memory=self._pin)
 
     def __next__(self) -> dict[str, Any]:
         while len(self._pending) < self._depth:
