@@ -622,7 +622,10 @@ def nt_xent_triton(
     query's token position). symmetric averages with the keys-as-queries loss. input_precision sets the
     tl.dot precision for fp32 inputs ("ieee", "tf32", "tf32x3"); None follows
     torch.get_float32_matmul_precision() ("highest" -> "ieee", else "tf32"). Mixed or non-kernel
-    dtypes (e.g. fp64) are cast to a common kernel dtype first.
+    dtypes (e.g. fp64) are cast to a common kernel dtype first. Under autocast both go to the autocast dtype,
+    as matmuls do: a bf16 projector output meets fp32 teacher features (their final LayerNorm runs in fp32
+    under autocast), and promoting both to fp32 would halve the kernels' tile sizes and tensor-core rate.
+    Norms, exponentials and accumulation stay fp32 either way.
     """
     _utils.check_pair(proj, target)
     _utils.check_runnable(proj.device, _INTERPRETED)
@@ -632,6 +635,9 @@ def nt_xent_triton(
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     precision = _utils.resolve_input_precision(input_precision)
     dtype = _utils.kernel_dtype(proj.dtype, target.dtype)
+    device_type = proj.device.type
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in _utils.KERNEL_DTYPES:
+        dtype = torch.get_autocast_dtype(device_type)
     proj = proj.to(dtype).contiguous()
     target = target.to(dtype).contiguous()
     out = nt_xent_fwd(proj, target, float(temperature), negatives == "position", bool(symmetric), precision)

@@ -197,6 +197,29 @@ def test_mixed_and_fp64_inputs_get_grads_in_their_dtype():
     assert_close(proj.grad, proj64.grad, 1e-5, "d proj")
 
 
+def test_autocast_runs_the_kernels_in_the_autocast_dtype(monkeypatch):
+    # Under autocast, bf16 queries and fp32 keys (a LayerNorm'd teacher) reach the kernels as bf16, as a
+    # matmul's would, not promoted to fp32; gradients come back in each input's dtype. Outside: promotion.
+    seen = []
+    real_fwd = nt_xent_module.nt_xent_fwd
+
+    def spy(proj, target, *args):
+        seen.append((proj.dtype, target.dtype))
+        return real_fwd(proj, target, *args)
+
+    monkeypatch.setattr(nt_xent_module, "nt_xent_fwd", spy)
+    proj, target = make_inputs((2, 9, 32), torch.bfloat16, seed=4)
+    target32 = target.detach().float().requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        mixed = nt_xent_triton(proj, target32, 0.1, "batch", True)
+    mixed.backward()
+    promoted = nt_xent_triton(proj.detach(), target32.detach(), 0.1, "batch", True, input_precision="ieee")
+    assert seen == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
+    assert proj.grad.dtype == torch.bfloat16 and target32.grad.dtype == torch.float32
+    assert torch.isfinite(target32.grad).all()
+    assert_close(mixed, promoted, REL_TOL[torch.bfloat16], "bf16 under autocast vs fp32 promotion")
+
+
 @pytest.mark.parametrize("position", [False, True])
 def test_internal_ops_write_every_element(position):
     # With poisoned allocation, every statistic and gradient the raw ops return must be finite.
