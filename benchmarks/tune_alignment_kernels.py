@@ -115,6 +115,8 @@ def tune(
                             record["status"] = "ok" if record["max_rel_err"] < 2e-2 else "WRONG"
                         except triton.runtime.errors.OutOfResources as exc:
                             record["status"] = f"out of resources: {exc}"
+                        except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the session's run
+                            record["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
                         records.append(record)
                         print(f"{record['key']:28s} {case:16s} {record['tiles']:16s} {record['status']:6s} "
                               f"{record.get('median_ms', float('nan')):9.4f} ms", flush=True)  # fmt: skip

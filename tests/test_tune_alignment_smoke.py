@@ -54,6 +54,25 @@ def test_tuner_writes_a_table_the_kernels_read(tuner, tmp_path):
     assert tuned_tiles("other GPU", "lse", torch.bfloat16, 40, 48, table) == LogitTiles(64, 64, 64, 4, 3)
 
 
+def test_a_failing_candidate_is_recorded_not_fatal(tuner, tmp_path, monkeypatch):
+    # 16x16x16 "fails" (as a compile error would on some GPU); the other candidate still wins.
+    real = tuner.nt_xent._lse
+
+    def flaky(x, *args):
+        if tuner.tiles._pinned.get("lse") == tuner.LogitTiles(16, 16, 16, 4, 1):
+            raise RuntimeError("simulated compile failure")
+        return real(x, *args)
+
+    monkeypatch.setattr(tuner.nt_xent, "_lse", flaky)
+    args = ["--out", str(tmp_path), "--kernels", "lse", "--d", "40", "--rows", "48", "--tokens", "8",
+            "--position-batches", "--dtype", "fp32", "--candidates", "16x16x16w4s1", "32x16x32w4s1",
+            "--reps", "1", "--warmup", "0"]
+    assert tuner.main(args) == 0
+    records = json.loads((tmp_path / "tune_alignment.json").read_text())["records"]
+    assert [r["status"] for r in records] == ["error: RuntimeError: simulated compile failure", "ok"]
+    assert "32x16x16w4s1" in (tmp_path / "tune_alignment.md").read_text()  # fp32 halves BLOCK_D
+
+
 def test_winners_skip_wrong_and_failed_candidates(tuner):
     records = [
         dict(key="k", tiles="a", status="WRONG", median_ms=0.1),
