@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -179,6 +180,7 @@ def measure(
     device: torch.device,
     reps: int,
     warmup: int,
+    budget_s: float = 30.0,
 ) -> dict:
     """Raw fwd / bwd / fwd+bwd timings and peak extra memory of one implementation on one shape."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -190,21 +192,28 @@ def measure(
         return torch.autograd.grad(loss_fn(proj, target), inputs)
 
     peak_mib = None
+    fwd_bwd()  # compile / autotune outside the measured window
     if device.type == "cuda":
-        fwd_bwd()  # compile / autotune outside the measured window
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fwd_bwd()
+    started = time.perf_counter()
+    fwd_bwd()
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    # Slow cases (a fp32 baseline at M = 65536 takes ~0.5 s a call) get fewer repeats, so that the whole
+    # benchmark fits one device call: at most ~budget_s per case over the three phases, never under 3 repeats.
+    per_call = time.perf_counter() - started
+    reps = max(min(reps, 3), min(reps, int(budget_s / (3 * max(per_call, 1e-9))) - warmup))
+    warmup = min(warmup, reps)
 
     times = {
         "fwd": time_ms(lambda: loss_fn(proj, target), reps, warmup, device),
         "bwd": _time_backward(loss_fn(proj, target), inputs, reps, warmup, device),
         "fwd_bwd": time_ms(fwd_bwd, reps, warmup, device),
     }
-    return {"times_ms": times, "peak_extra_mib": peak_mib}
+    return {"times_ms": times, "peak_extra_mib": peak_mib, "reps": reps, "warmup": warmup}
 
 
 def _time_backward(loss: torch.Tensor, inputs, reps: int, warmup: int, device: torch.device) -> list[float]:
@@ -239,8 +248,12 @@ def run_benchmarks(
     compile_backend: str = "inductor",
     tokens: int = TOKENS,
     verbose: bool = True,
+    on_record: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Every (implementation, shape) record; see the module docstring for what is measured."""
+    """Every (implementation, shape) record; see the module docstring for what is measured.
+
+    ``on_record(records)`` runs after each case (main writes the report so far: a run cut short by a time
+    limit still leaves every finished case on disk)."""
     from erw_fast.kernels.cosine import cosine_alignment_triton
     from erw_fast.kernels.nt_xent import nt_xent_triton
 
@@ -280,6 +293,8 @@ def run_benchmarks(
                 record["tflops"] = {p: flops[p] / (record["median_ms"][p] * 1e-3) / 1e12 for p in PHASES}
             if verbose:
                 print(_summary_line(record))
+            if on_record is not None:
+                on_record(records)
     for shape in cosine_shapes:
         m, d = shape[0] * shape[1], shape[2]
         for impl, fn in cos_impls.items():
@@ -290,6 +305,8 @@ def run_benchmarks(
                 record["gbps"] = {p: nbytes[p] / (record["median_ms"][p] * 1e-3) / 1e9 for p in PHASES}
             if verbose:
                 print(_summary_line(record))
+            if on_record is not None:
+                on_record(records)
     return records
 
 
@@ -430,8 +447,10 @@ def plot(records: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(records: list[dict], env: dict, settings: dict, out_dir: Path) -> list[Path]:
-    """alignment.json, alignment.md and (with matplotlib) alignment.png under out_dir."""
+def write_report(
+    records: list[dict], env: dict, settings: dict, out_dir: Path, with_plot: bool = True
+) -> list[Path]:
+    """alignment.json, alignment.md and (with matplotlib and with_plot) alignment.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(
         environment=env,
@@ -445,10 +464,11 @@ def write_report(records: list[dict], env: dict, settings: dict, out_dir: Path) 
     header = (
         f"# Alignment kernels benchmark\n\nDevice: {env['device']}; torch {env['torch']}, "
         f"triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}.\n"
-        f"Median of {settings['reps']} runs after {settings['warmup']} warm-up runs.\n\n"
+        f"Median of up to {settings['reps']} runs after up to {settings['warmup']} warm-up runs (slow cases get "
+        "fewer, at least 3; each record holds its own counts).\n\n"
     )
     written[1].write_text(header + markdown_table(records))
-    if plot(records, out_dir / "alignment.png"):
+    if with_plot and plot(records, out_dir / "alignment.png"):
         written.append(out_dir / "alignment.png")
     return written
 
@@ -493,8 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cosine_shapes_BTD=COSINE_SHAPES,
         correctness=checks,
     )
-    records = run_benchmarks(device, reps=args.reps, warmup=args.warmup)
-    for path in write_report(records, environment(device), settings, args.out):
+    env = environment(device)
+    records = run_benchmarks(
+        device, reps=args.reps, warmup=args.warmup,
+        on_record=lambda done: write_report(done, env, settings, args.out, with_plot=False),
+    )  # fmt: skip
+    for path in write_report(records, env, settings, args.out):
         print(f"wrote {path}")
     return 0
 

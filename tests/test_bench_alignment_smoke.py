@@ -39,8 +39,18 @@ def test_preamble_cases_pass(bench):
     assert len(checks) == 10 and all(c["ok"] for c in checks), checks
 
 
+def test_slow_cases_get_fewer_repeats(bench):
+    # A budget far below one call's time leaves the floor of 3 repeats; a generous one keeps the request.
+    device = torch.device("cpu")
+    tight = bench.measure(bench.naive_nt_xent, (2, 8, 16), torch.float32, device, reps=20, warmup=5, budget_s=0)
+    assert tight["reps"] == 3 and tight["warmup"] == 3 and len(tight["times_ms"]["fwd"]) == 3
+    loose = bench.measure(bench.naive_nt_xent, (2, 8, 16), torch.float32, device, reps=4, warmup=1, budget_s=1e6)
+    assert loose["reps"] == 4 and len(loose["times_ms"]["fwd_bwd"]) == 4
+
+
 def test_timing_and_report_on_tiny_shapes(bench, tmp_path):
     # The GPU code path minus CUDA events/memory stats: tiny shapes, perf_counter timing, eager "compile".
+    progress = []
     records = bench.run_benchmarks(
         torch.device("cuda" if torch.cuda.is_available() else "cpu"),  # where the kernels can run
         nt_xent_shapes=[(24, 16)],
@@ -51,7 +61,9 @@ def test_timing_and_report_on_tiny_shapes(bench, tmp_path):
         compile_backend="eager",
         tokens=8,
         verbose=False,
+        on_record=lambda done: progress.append(len(done)),
     )
+    assert progress == list(range(1, 8))  # called after every case
     assert [r["status"] for r in records] == ["ok"] * 7, [r["status"] for r in records]
     assert all(len(r["times_ms"][phase]) == 2 for r in records for phase in bench.PHASES)
     # A fake OOM record must render as "OOM" everywhere.
