@@ -134,6 +134,20 @@ def test_train_bench_sweeps_attention_backends(tmp_path: Path) -> None:
         assert drawn == pytest.approx(sum(r["breakdown_median_s"].values()) * 1e3)
 
 
+def test_train_bench_reports_after_every_measurement() -> None:
+    # A run cut short by a time limit keeps what finished: the document is handed out after each case,
+    # batch by batch, both phases of a batch before the next batch.
+    work = bench.Workload(model="SiT-S/2", input_size=8, depth=2, hidden=64, heads=2, num_classes=10,
+                          projector_dim=64, encoders=["demo-vit-t"], resolution=64)
+    settings = bench.TrainSettings(work=work, batches=[2, 3], steps=1, warmup=0, device="cpu")
+    docs = []
+    final = bench.run_train_benchmark(settings, on_result=docs.append)
+    assert [len(d["results"]) for d in docs] == [1, 2, 3, 4]
+    assert [(r["batch"], r["phase"]) for r in final["results"]] == [(2, "warmup"), (2, "full"), (3, "warmup"),
+                                                                    (3, "full")]
+    assert len(docs[1]["phase1_ratios"]) == 1  # the first batch's ratio exists after its second case
+
+
 def test_train_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     base = ["train", *TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]
     assert bench.main([*base, "--phases", "phase2"]) == 2

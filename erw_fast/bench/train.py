@@ -9,7 +9,7 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,8 +335,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_train_benchmark(s: TrainSettings) -> dict[str, Any]:
-    """Every (phase, batch, variant) once; returns the results document (device, versions, settings, results)."""
+def run_train_benchmark(
+    s: TrainSettings, on_result: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every (batch, phase, variant) once; returns the results document (device, versions, settings, results).
+
+    Batches are the outer loop, so a run cut short still has both phases (the Phase-1 ratio) of the first
+    batch; ``on_result(document so far)`` runs after every measurement (the CLI writes it to disk).
+    """
     from erw_fast.encoders import check_token_count, load_encoders
 
     device = resolve_device(s.device)
@@ -353,10 +359,10 @@ def run_train_benchmark(s: TrainSettings) -> dict[str, Any]:
             encoders = load_encoders(work.encoders, resolution=work.resolution, pretrained=False, device=device)
         for enc in encoders:
             check_token_count(enc.num_patches(), work.shape().tokens, enc.name)
-    results = []
-    for phase in s.phases:
-        for batch in s.batches:
-            host = _host_batch(work, batch, device)
+    results: list[dict[str, Any]] = []
+    for batch in s.batches:
+        host = _host_batch(work, batch, device)
+        for phase in s.phases:
             for variant in _variants(s):
                 try:
                     results.append(_bench_variant(s, phase, batch, variant, device, encoders, host))
@@ -371,6 +377,12 @@ def run_train_benchmark(s: TrainSettings) -> dict[str, Any]:
                           file=sys.stderr)
                 else:
                     print(f"[{phase} {variant} b={batch}] {r['status']}", file=sys.stderr)
+                if on_result is not None:
+                    on_result(_document(s, device, list(results)))  # a snapshot: results grows on
+    return _document(s, device, results)
+
+
+def _document(s: TrainSettings, device: torch.device, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "benchmark": "train",
         "device": device_info(device),

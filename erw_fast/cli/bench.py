@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from erw_fast import flops as F
-from erw_fast.bench.common import Workload, _slug, _write_json, peak_bf16_tflops, resolve_device
+from erw_fast.bench.common import Workload, _slug, _write_json, device_info, peak_bf16_tflops, resolve_device
 from erw_fast.bench.cost import (
     _parse_splits,
     cost_analysis,
@@ -127,12 +127,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if settings.steps < 1:
         raise ValueError("--steps must be ≥ 1")
     guard_cpu(settings.work, settings.phases, settings.batches, resolve_device(settings.device), args.cpu_flop_limit)
-    doc = run_train_benchmark(settings)
-    name = args.name or f"train_{_slug(doc['device']['name'])}_{_slug(settings.work.model)}"
     out = Path(args.out)
-    _write_json(out / f"{name}.json", doc)
-    md = render_train_markdown(doc)
-    (out / f"{name}.md").write_text(md + "\n")
+    device_name = device_info(resolve_device(settings.device))["name"]
+    name = args.name or f"train_{_slug(device_name)}_{_slug(settings.work.model)}"
+
+    def write(doc: dict) -> str:  # after every measurement too: a time limit never loses finished cases
+        _write_json(out / f"{name}.json", doc)
+        md = render_train_markdown(doc)
+        (out / f"{name}.md").write_text(md + "\n")
+        return md
+
+    doc = run_train_benchmark(settings, on_result=write)
+    md = write(doc)
     plot_train(doc, out / f"{name}.png")
     print(md)
     print(f"\nwrote {out / name}.{{json,md,png}}")
