@@ -24,7 +24,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -87,8 +87,12 @@ def tune(
     warmup: int,
     device: torch.device,
     tokens: int = 256,
+    on_problem: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """One record per (kernel, dtype, D, groups, candidate): status, raw times, error vs the default."""
+    """One record per (kernel, dtype, D, groups, candidate): status, raw times, error vs the default.
+
+    ``on_problem(records so far)`` runs after each problem's candidates (main saves results and winners then,
+    so a time limit keeps every finished problem)."""
     records = []
     cases = [("batch", nt_xent._groups(rows // tokens, tokens, False), rows)]
     cases += [(f"position B={b}", nt_xent._groups(b, tokens, True), b * tokens) for b in position_batches]
@@ -120,6 +124,8 @@ def tune(
                         records.append(record)
                         print(f"{record['key']:28s} {case:16s} {record['tiles']:16s} {record['status']:6s} "
                               f"{record.get('median_ms', float('nan')):9.4f} ms", flush=True)  # fmt: skip
+                    if on_problem is not None:
+                        on_problem(list(records))
     return records
 
 
@@ -175,20 +181,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--rows {args.rows} must be a multiple of --tokens {args.tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     candidates = {k: args.candidates for k in tiles.KERNELS} if args.candidates else CANDIDATES
-    records = tune(
-        args.kernels, args.dtype, args.d, args.rows, args.position_batches, candidates, args.reps, args.warmup,
-        device, args.tokens,
-    )  # fmt: skip
-    best = winners(records)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    settings = vars(args) | {"out": str(args.out), "table": str(args.table) if args.table else None}
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = dict(device=name, versions=versions, settings=vars(args) | {"out": str(args.out)}, records=records)
-    payload["settings"]["table"] = str(args.table) if args.table else None
-    (args.out / "tune_alignment.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / "tune_alignment.md").write_text(f"# Tile tuning on {name}\n\n" + markdown(records, best))
-    if args.table:
-        merge_table(args.table, name, best, versions)
+
+    def save(records: list[dict]) -> dict[str, str]:
+        best = winners(records)
+        payload = dict(device=name, versions=versions, settings=settings, records=records)
+        (args.out / "tune_alignment.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (args.out / "tune_alignment.md").write_text(f"# Tile tuning on {name}\n\n" + markdown(records, best))
+        if args.table and best:
+            merge_table(args.table, name, best, versions)
+        return best
+
+    records = tune(
+        args.kernels, args.dtype, args.d, args.rows, args.position_batches, candidates, args.reps, args.warmup,
+        device, args.tokens, on_problem=save,
+    )  # fmt: skip
+    best = save(records)
     print(f"best tiles on {name}: {json.dumps(best, indent=1)}")
     return 0 if best else 1
 
