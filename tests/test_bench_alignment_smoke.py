@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _script_helpers import benchmark_script
 from erw_fast.kernels import triton_available
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_alignment.py"
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_alignment", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("bench_alignment") as module:
+        yield module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, main() runs the full GPU benchmark")

@@ -310,19 +310,10 @@ def test_jpeg_bytes_decode_like_pil(datasets):
 
 def test_loader_benchmark_smoke(tmp_path):
     """benchmarks/bench_loader.py end to end on a tiny set (its numbers are not a measurement)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from _script_helpers import benchmark_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loader.py"
-    spec = importlib.util.spec_from_file_location("bench_loader", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("bench_loader") as module:
         assert module.main(["--quick", "--data", str(tmp_path)]) == 0
-    finally:
-        sys.modules.pop(spec.name, None)
     report = json.loads((tmp_path / "loader_quick.json").read_text())
     modes = {(c["layout"], c["loader"], c["mode"]) for c in report["cases"]}
     assert ("shards (raw)", "webdataset", "latents+image") in modes and ("per-file (REPA)", "torch",

@@ -6,16 +6,12 @@ splits included), agrees with the default tiles, and that the winners land in a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _script_helpers import benchmark_script
 from erw_fast.kernels import triton_available
-
-TUNER = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_alignment_kernels.py"
 
 pytestmark = pytest.mark.skipif(
     not triton_available() or torch.cuda.is_available(), reason="CPU interpreter path (on a GPU it tunes for real)"
@@ -24,12 +20,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tuner():
-    spec = importlib.util.spec_from_file_location("tune_alignment_kernels", TUNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("tune_alignment_kernels") as module:
+        yield module
 
 
 def test_tuner_writes_a_table_the_kernels_read(tuner, tmp_path):
