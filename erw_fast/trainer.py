@@ -674,5 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config error: {error}", file=sys.stderr)
         return 2
     if dist.is_initialized():
+        # Every rank (rank 0's final export included) is done before any tears its connections down: a rank
+        # that exits while a peer still holds an open gloo pair to it can abort in teardown (seen once in CI
+        # under load: "terminate called without an active exception" after a complete run).
+        dist.barrier()
         dist.destroy_process_group()
     return 0
