@@ -263,6 +263,12 @@ def backend_report(cuda_available: bool) -> dict[str, dict[str, str]]:
 
         choice = resolve_alignment_backend("auto")
         why = "fused Triton kernels on CUDA" if choice == "triton" else "no CUDA (or no Triton): torch reference path"
+        if choice == "triton":
+            import torch
+
+            from erw_fast.kernels.tiles import describe_tiles
+
+            why += f"; NT-Xent {describe_tiles(torch.device('cuda'))}"
         out["alignment"] = {"choice": choice, "why": why}
     except Exception as error:
         out["alignment"] = {"choice": f"error: {error}", "why": "erw_fast.objectives could not be imported"}
