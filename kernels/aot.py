@@ -74,10 +74,6 @@ class LaunchReport:
     resident_per_sm: int  # programs an SM can hold at once, from registers / shared memory / threads
     waves: float  # programs / (SMs x resident): below ~1 the GPU is partly idle
 
-    @property
-    def spills(self) -> bool:
-        return self.stack_bytes > 0
-
 
 def _require_compiled(launch: Launch) -> None:
     if not isinstance(launch.kernel, triton.runtime.jit.JITFunction):

@@ -229,10 +229,17 @@ def logit_tiles(kernel: str, group_size: int, d: int, dtype: torch.dtype, device
     if _utils.interpreting():
         return interpreter_tiles(group_size, d)
     if device.type == "cuda":
-        found = tuned_tiles(_device_name(device.index or 0), kernel, dtype, d, group_size)
-        if found is not None:
-            return found
+        return _gpu_tiles(device.index or 0, kernel, group_bucket(group_size), d, dtype)
     return default_tiles(kernel, group_size, d, dtype)
+
+
+@functools.cache
+def _gpu_tiles(index: int, kernel: str, bucket: int, d: int, dtype: torch.dtype) -> LogitTiles:
+    """Resolved once per process and problem: no table I/O on the launch path, and a table rewritten during a
+    run (a tuner merging results) cannot change a running job's tiles. The bucket stands in for the group size
+    (same table key; default tiles only shrink for groups below the bucket cap)."""
+    found = tuned_tiles(_device_name(index), kernel, dtype, d, bucket)
+    return found if found is not None else default_tiles(kernel, bucket, d, dtype)
 
 
 def describe_tiles(device: torch.device) -> str:

@@ -359,6 +359,7 @@ def run_train_benchmark(
             encoders = load_encoders(work.encoders, resolution=work.resolution, pretrained=False, device=device)
         for enc in encoders:
             check_token_count(enc.num_patches(), work.shape().tokens, enc.name)
+    header = _header(s, device)
     results: list[dict[str, Any]] = []
     for batch in s.batches:
         host = _host_batch(work, batch, device)
@@ -378,22 +379,25 @@ def run_train_benchmark(
                 else:
                     print(f"[{phase} {variant} b={batch}] {r['status']}", file=sys.stderr)
                 if on_result is not None:
-                    on_result(_document(s, device, list(results)))  # a snapshot: results grows on
-    return _document(s, device, results)
+                    on_result(_document(header, list(results)))  # a snapshot: results grows on
+    return _document(header, results)
 
 
-def _document(s: TrainSettings, device: torch.device, results: list[dict[str, Any]]) -> dict[str, Any]:
+def _header(s: TrainSettings, device: torch.device) -> dict[str, Any]:
+    """The parts of the document that do not change during the run (the device probed once)."""
     return {
         "benchmark": "train",
         "device": device_info(device),
-        "versions": versions(),
         "settings": {**asdict(s), "variants": _variants(s), "precision_resolved": _precision(s, device),
                      "flop_convention": "analytic matmul FLOPs (erw_fast.flops, 2 per multiply-add), fwd+bwd of "
                                         "the trained parts + teacher forward; MFU against the dense bf16 peak"},
-        "results": results,
-        "speedups": _speedups(results),
-        "phase1_ratios": _phase1_ratios(results),
     }
+
+
+def _document(header: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    # versions() reads the loaded modules: libraries imported during the run (Triton, on first use) appear.
+    return {**header, "versions": versions(), "results": results, "speedups": _speedups(results),
+            "phase1_ratios": _phase1_ratios(results)}
 
 
 def _speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

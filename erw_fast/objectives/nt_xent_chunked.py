@@ -44,8 +44,9 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 col_max = new_max
         positive = (q * k).sum(dim=1) * inv_tau
         loss = (lse_row - positive).mean()
-        lse_col = col_max + torch.log(col_sum) if symmetric else lse_row.new_empty(0)
+        lse_col = lse_row.new_empty(0)
         if symmetric:
+            lse_col = col_max + torch.log(col_sum)
             loss = 0.5 * (loss + (lse_col - positive).mean())
         ctx.save_for_backward(q, k, lse_row, lse_col)
         ctx.settings = (inv_tau, symmetric, chunk_rows)
