@@ -45,7 +45,8 @@ case "${1:-}" in
       "tests/test_trainer.py::test_the_training_step_never_syncs_with_the_host_on_cuda" \
       "tests/test_bench_cli.py::test_train_bench_on_gpu_reports_mfu_and_memory" \
       tests/test_checkpoint.py tests/test_kernels_nt_xent.py tests/test_kernels_cosine.py \
-      tests/test_loader_threads_cuda.py tests/test_objectives.py 2>&1 | tee "$DEST/gpu_tests.log"
+      tests/test_loader_threads_cuda.py "tests/test_device_prefetch.py::test_cuda_batches_staged_on_a_side_stream_are_safe_to_use" \
+      tests/test_objectives.py 2>&1 | tee "$DEST/gpu_tests.log"
     ;;
   tune)
     timeout 540 "$PY" benchmarks/tune_alignment_kernels.py --out "$DEST" --table "$DEST/tuned_tiles.json" \

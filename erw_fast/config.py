@@ -130,6 +130,9 @@ class DataConfig:
     loader_threads: int = 0
     prefetch: int = 2  # batches queued per worker / DALI queue depth
     pin_memory: bool | None = None  # None: when training on CUDA
+    # Stage the next step's batch (copies to the GPU, latent sampling) on a side CUDA stream during the current
+    # step, so the compute stream never waits for them. None: when training on CUDA.
+    device_prefetch: bool | None = None
     flip: bool = False  # random horizontal flips (needs shards prepared with flipped moments)
     on_error: Literal["raise", "skip"] = "raise"  # an unreadable sample stops the run, or is replaced and counted
     verify: Literal["none", "size", "checksum"] = "size"  # shard check when the loader starts

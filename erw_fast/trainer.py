@@ -35,6 +35,7 @@ from erw_fast.checkpoint import (
     save_checkpoint,
 )
 from erw_fast.config import Config, ConfigError, dump_config, load_config
+from erw_fast.data.device_prefetch import describe_device_prefetch
 from erw_fast.engines import Engine, LocalEngine, select_engine
 from erw_fast.metrics import MetricsWriter
 from erw_fast.models import SiT, SiTPhase1, describe_attention_backend, transfer_phase1_weights
@@ -187,6 +188,7 @@ class Trainer:
             features=c.data.features, prefetch=c.data.prefetch, pin_memory=c.data.pin_memory, verify=c.data.verify,
             latent_scale=c.data.latent_scale, latent_size=c.model.input_size, latent_channels=c.model.in_channels,
             dali_threads=c.data.dali_threads, dali_decoder=c.data.dali_decoder, demo_num_samples=c.data.num_samples,
+            device_prefetch=self.device.type == "cuda" if c.data.device_prefetch is None else c.data.device_prefetch,
         )
         kwargs.update(overrides)
         return build_loader(c.data.kind, c.data.path, **kwargs)
@@ -497,9 +499,9 @@ class Trainer:
 
         self.loader = self._build_loader(step)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, lambda n: next(self._build_loader(
-            0, rank=0, world_size=1, global_batch_size=n, num_workers=0)))
+            0, rank=0, world_size=1, global_batch_size=n, num_workers=0, device_prefetch=False)))
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
-                 f"epoch), starting at {self.loader.position(step)}")
+                 f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
         metrics = None
         if self.env.is_main:
             metrics = MetricsWriter(

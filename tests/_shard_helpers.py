@@ -20,6 +20,7 @@ from erw_fast.data.shards import (
     SHARD_DIR,
     Manifest,
     ShardEntry,
+    ShardSet,
     ShardWriter,
     npy_bytes,
     sample_key,
@@ -102,3 +103,18 @@ def tiny_vae(autoencoder_kl: type, seed: int = 0) -> Any:
         block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
     ).eval()
+
+
+def patch_image(root, index, corrupt):
+    """Replace the stored PNG of ``index`` by ``corrupt(png_bytes)`` (same length); returns the shard name."""
+    shards = ShardSet(root)
+    j = shards.members.index("png")
+    sid = shards.shard_of(index)
+    off, size = int(shards.offsets[index, j]), int(shards.sizes[index, j])
+    tar = root / shards.manifest.shards[sid].tar
+    data = bytearray(tar.read_bytes())
+    new = corrupt(bytes(data[off : off + size]))
+    assert len(new) == size
+    data[off : off + size] = new
+    tar.write_bytes(bytes(data))
+    return shards.manifest.shards[sid].name

@@ -11,12 +11,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from _shard_helpers import SCALE, write_dataset
+from _shard_helpers import SCALE, patch_image, write_dataset
 from PIL import Image
 
 from erw_fast.data import DemoShapesDataset, ResumableBatchSampler, build_loader
 from erw_fast.data.latents import flip_decision, sample_key, standard_normal, stream_words
-from erw_fast.data.shards import DataError, SampleError, ShardSet
+from erw_fast.data.shards import DataError, SampleError
 
 pytest.importorskip("nvidia.dali")
 
@@ -182,21 +182,6 @@ def test_images_off_skips_image_member(datasets):
 # ----------------------------------------------------------------------------------------------------- errors
 
 
-def _patch_image(root, index, corrupt):
-    """Replace the stored PNG of ``index`` by ``corrupt(png_bytes)`` (same length); returns the shard name."""
-    shards = ShardSet(root)
-    j = shards.members.index("png")
-    sid = shards.shard_of(index)
-    off, size = int(shards.offsets[index, j]), int(shards.sizes[index, j])
-    tar = root / shards.manifest.shards[sid].tar
-    data = bytearray(tar.read_bytes())
-    new = corrupt(bytes(data[off : off + size]))
-    assert len(new) == size
-    data[off : off + size] = new
-    tar.write_bytes(bytes(data))
-    return shards.manifest.shards[sid].name
-
-
 def _zeros(png):
     return bytes(len(png))
 
@@ -216,7 +201,7 @@ def test_corrupt_sample_raises_or_is_skipped(tmp_path, corrupt):
     write_dataset(tmp_path, image_format="png")
     sampler = ResumableBatchSampler(40, BATCH, seed=7)
     bad = sampler.indices(1)[3]
-    shard = _patch_image(tmp_path, bad, corrupt)
+    shard = patch_image(tmp_path, bad, corrupt)
     where = f"shard {shard}, key {bad:08d}: png"
     with pytest.raises(SampleError, match=where):
         _take(_loader("webdataset", tmp_path), 2)

@@ -342,6 +342,11 @@ def test_shard_resume_continues_the_data_order(tmp_path):
     run(tiny_config(tmp_path, "pieces", *common, "train.max_steps_per_run=5", "data.num_workers=1"))
     run(tiny_config(tmp_path, "pieces", *common))
     assert [r["loss"] for r in read(tmp_path / "pieces")] == [r["loss"] for r in read(tmp_path / "whole")]
+    # The next batch staged one step ahead (device prefetch) changes neither the batches nor where a resume starts.
+    staged = [*common, "data.device_prefetch=true"]
+    run(tiny_config(tmp_path, "staged", *staged, "train.max_steps_per_run=6"))
+    run(tiny_config(tmp_path, "staged", *staged))
+    assert [r["loss"] for r in read(tmp_path / "staged")] == [r["loss"] for r in read(tmp_path / "whole")]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -170,6 +170,7 @@ def _bench_variant(
     s: TrainSettings, phase: str, batch: int, variant: str, device: torch.device, encoders: list[Any],
     host: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> dict[str, Any]:
+    from erw_fast.data.device_prefetch import SideStreamStager
     from erw_fast.ema import EMA
     from erw_fast.objectives import AlignmentObjective, Interpolant, diffusion_loss, phase1_loss
 
@@ -204,15 +205,18 @@ def _bench_variant(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     interpolant = Interpolant("linear")
     alignment = AlignmentObjective(work.objective, negatives=work.negatives, backend=s.alignment_backend)
-    images_h, latents_h, labels_h = host
+
+    def copy_batch() -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device, non_blocking=True) for t in host)
+
+    # The trainer stages the next batch on a side stream (data.device_prefetch); the reference copies in the step.
+    batches = iter(copy_batch, None) if reference else SideStreamStager(copy_batch, device)
 
     def step(timer: RegionTimer | None) -> torch.Tensor:
         mark = timer.mark if timer is not None else (lambda _name: None)
         if timer is not None:
             timer.start()
-        images = images_h.to(device, non_blocking=True)
-        latents = latents_h.to(device, non_blocking=True)
-        labels = labels_h.to(device, non_blocking=True)
+        images, latents, labels = next(batches)
         mark("data")
         feats = None
         if aligns:
@@ -390,7 +394,9 @@ def _header(s: TrainSettings, device: torch.device) -> dict[str, Any]:
         "device": device_info(device),
         "settings": {**asdict(s), "variants": _variants(s), "precision_resolved": _precision(s, device),
                      "flop_convention": "analytic matmul FLOPs (erw_fast.flops, 2 per multiply-add), fwd+bwd of "
-                                        "the trained parts + teacher forward; MFU against the dense bf16 peak"},
+                                        "the trained parts + teacher forward; MFU against the dense bf16 peak",
+                     "data_staging": "fast variants: the next batch copied on a side CUDA stream during the step "
+                                     "(data.device_prefetch); reference: copied at the start of its step"},
     }
 
 
@@ -454,7 +460,8 @@ def render_train_markdown(doc: dict[str, Any]) -> str:
         f"torch {doc['versions']['torch']}, CUDA {doc['versions']['cuda']}; precision {s['precision_resolved']} "
         f"(reference: fp16 + GradScaler); {s['steps']} timed steps after {s['warmup']} untimed. Step-time regions "
         f"are medians (ms); peak: {dev['peak_bf16_tflops'] or 'n/a'} TFLOP/s. FLOPs: {s['flop_convention']}. "
-        "SM MHz / W: medians sampled by NVML every 0.1 s during the timed steps (% of the maximum SM clock).",
+        "SM MHz / W: medians sampled by NVML every 0.1 s during the timed steps (% of the maximum SM clock). "
+        f"Data: {s.get('data_staging', 'copied in the step')}.",
         "",
     ]
     header = ["phase", "variant", "batch", "img/s", "step ms", *REGIONS, "GFLOP/step", "TFLOP/s", "MFU", "peak GiB",

@@ -17,6 +17,8 @@ Suggested ``DataConfig`` keys (→ ``build_loader`` argument):
                                             instead of workers; cheapest per core for raw images)
     prefetch: int = 2                     → prefetch (batches queued per worker / DALI queue depth)
     pin_memory: bool | None = None        → pin_memory (None: when the device is CUDA)
+    device_prefetch: bool | None = None   → device_prefetch (stage the next batch on a side CUDA stream;
+                                            the trainer resolves None to "when the device is CUDA")
     flip: bool = False                    → flip (needs a dataset prepared with --flip-moments)
     on_error: raise | skip = raise        → on_error
     verify: none | size | checksum = size → verify (checked when the loader is built)
@@ -108,12 +110,14 @@ def build_loader(
     dali_threads: int = 2,
     dali_decoder: str = "auto",
     demo_num_samples: int = 2048,
+    device_prefetch: bool = False,
 ) -> TrainLoader:
     """Build this rank's loader, positioned at ``start_step``. See the module docstring for the kinds and keys.
 
     ``images=False`` skips reading/decoding images (plain SiT); ``features=True`` loads precomputed teacher
     features. Shard kinds check the manifest against ``image_size``, ``num_classes``, ``latent_scale``,
     ``latent_size`` and ``latent_channels`` (those given) and raise ``DataError`` naming the mismatch.
+    ``device_prefetch=True`` wraps the loader in a ``DevicePrefetcher`` (same batches, staged one step ahead).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
@@ -128,7 +132,7 @@ def build_loader(
         dataset = DemoShapesDataset(num_samples=demo_num_samples, num_classes=num_classes or 8, image_size=image_size,
                                     latent_size=latent_size or 8, latent_channels=latent_channels or 4, seed=seed)
         sampler = ResumableBatchSampler(len(dataset), global_batch_size, seed, rank, world_size, drop_last)
-        return DemoLoader(dataset, sampler, start_step, device, images)
+        return _staged(DemoLoader(dataset, sampler, start_step, device, images), device_prefetch)
 
     if not path:
         raise ValueError(f"data kind {kind!r} needs a path (the prepared dataset directory)")
@@ -144,10 +148,21 @@ def build_loader(
     if kind == "webdataset":
         from erw_fast.data.wds_loader import WebDatasetLoader
 
-        return WebDatasetLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
-                                num_threads=loader_threads, prefetch_factor=prefetch, pin_memory=pin_memory,
-                                latent_scale=scale)
+        loader: TrainLoader = WebDatasetLoader(
+            assembler, start_step=start_step, device=device, num_workers=num_workers, num_threads=loader_threads,
+            prefetch_factor=prefetch, pin_memory=pin_memory, latent_scale=scale,
+        )
+        return _staged(loader, device_prefetch)
     from erw_fast.data.dali_loader import DaliLoader
 
-    return DaliLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
-                      num_threads=dali_threads, prefetch=prefetch, latent_scale=scale, decoder_device=dali_decoder)
+    loader = DaliLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
+                        num_threads=dali_threads, prefetch=prefetch, latent_scale=scale, decoder_device=dali_decoder)
+    return _staged(loader, device_prefetch)
+
+
+def _staged(loader: TrainLoader, device_prefetch: bool) -> TrainLoader:
+    if not device_prefetch:
+        return loader
+    from erw_fast.data.device_prefetch import DevicePrefetcher
+
+    return DevicePrefetcher(loader)
