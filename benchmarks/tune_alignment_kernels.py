@@ -40,18 +40,7 @@ from erw_fast.kernels.tiles import LogitTiles  # noqa: E402
 from erw_fast.bench.common import time_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# 16-bit candidates (fp32 runs them with half the BLOCK_D, the same bytes per chunk). All compile without
-# spills on sm_90 per `python -m erw_fast.kernels.aot`-style checks; the GPU decides among them.
-CANDIDATES = {
-    "lse": [
-        "128x128x64w8s3", "128x128x64w8s4", "128x128x32w8s4", "128x64x64w4s3", "128x64x64w8s4",
-        "64x128x64w4s3", "64x64x64w4s4", "64x64x128w8s3",
-    ],
-    "grad": [
-        "64x128x64w8s3", "64x128x64w8s2", "64x128x32w8s4", "64x64x64w4s3", "64x64x64w8s4",
-        "128x64x64w8s3", "128x64x32w8s3", "128x128x32w8s3",
-    ],
-}  # fmt: skip
+CANDIDATES = tiles.TUNING_CANDIDATES
 TEMPERATURE = 0.1
 
 

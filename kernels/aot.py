@@ -1,7 +1,7 @@
 """Compile the alignment kernels for an NVIDIA GPU that is not here, and report what each launch costs.
 
     python -m erw_fast.kernels.aot [--arch 80 90] [--dtype bf16 fp32] [--d 768 1024 1280 1536]
-                                   [--batch 32] [--tokens 256] [--json PATH]
+                                   [--batch 32] [--tokens 256] [--json PATH] [--tuning-candidates]
 
 Why: the interpreter checks the kernels' maths on the CPU but not that they compile, how many registers they
 take, whether they spill, how much shared memory they need or whether loads are pipelined into tensor-core
@@ -244,6 +244,31 @@ def report(
     return reports
 
 
+def candidate_reports(
+    candidates: dict[str, Sequence[str]], arches: Sequence[int], dtypes: Sequence[str], dims: Sequence[int],
+    batch: int, tokens: int,
+) -> list[LaunchReport]:
+    """Compile each tuning candidate's batch-negative launch of its kernel (`lse` / `grad`) with it pinned."""
+    from .tiles import LogitTiles, pinned
+
+    reports = []
+    for capability in arches:
+        arch = ARCHES[capability]
+        for dtype in dtypes:
+            for d in dims:
+                for kernel, texts in candidates.items():
+                    for text in texts:
+                        tiles = LogitTiles.parse(text)
+                        if dtype == "fp32":  # as the tuner runs fp32: half the BLOCK_D, the same bytes per chunk
+                            tiles = LogitTiles(tiles.block_m, tiles.block_n, max(16, tiles.block_d // 2),
+                                               tiles.num_warps, tiles.num_stages)
+                        with pinned(kernel, tiles):
+                            launches = alignment_launches(batch, tokens, d, DTYPES[dtype], arch.sm_count)
+                        first = next(x for x in launches if x.name == f"nt_xent.{kernel}")  # batch negatives
+                        reports.append(compile_launch(first, arch, dtype, d, batch * tokens))
+    return reports
+
+
 def _table(reports: Sequence[LaunchReport]) -> str:
     head = "| arch | dtype | D | launch | settings | grid | regs | stack B | smem KiB | pipelined | TC "
     head += "| resident | waves |"
@@ -266,10 +291,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", type=Path, help="also write the reports (and versions) here")
     parser.add_argument("--md", type=Path, help="also write the table (with versions and settings) here")
+    parser.add_argument("--tuning-candidates", action="store_true",
+                        help="compile the tuner's candidate tiles (tiles.TUNING_CANDIDATES) instead of the defaults")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the compiled kernels")
-    reports = report(args.arch, args.dtype, args.d, args.batch, args.tokens)
+    if args.tuning_candidates:
+        from .tiles import TUNING_CANDIDATES
+
+        reports = candidate_reports(TUNING_CANDIDATES, args.arch, args.dtype, args.d, args.batch, args.tokens)
+    else:
+        reports = report(args.arch, args.dtype, args.d, args.batch, args.tokens)
     print(_table(reports))
     if args.json:
         payload = {
@@ -282,8 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
+        what = ": the tuner's candidate tiles (batch negatives)" if args.tuning_candidates else ""
         header = (
-            f"# Alignment kernels compiled ahead of time (no GPU)\n\nTriton {triton.__version__}, torch "
+            f"# Alignment kernels compiled ahead of time (no GPU){what}\n\nTriton {triton.__version__}, torch "
             f"{torch.__version__}; local batch {args.batch} x {args.tokens} tokens; resident = programs per SM "
             "by registers/shared memory/threads; waves = programs / (SMs x resident) on "
             + ", ".join(f"sm_{a} = {ARCHES[a].name} ({ARCHES[a].sm_count} SMs)" for a in args.arch)

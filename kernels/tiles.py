@@ -35,6 +35,22 @@ GROUP_BUCKET_CAP = 4096
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _PATTERN = re.compile(r"^(\d+)x(\d+)x(\d+)w(\d+)s(\d+)$")
 
+# What `benchmarks/tune_alignment_kernels.py` measures on a GPU (16-bit; fp32 runs each with half the BLOCK_D,
+# the same bytes per chunk). Every one compiles for sm_90 without spills and within shared memory (CI compiles
+# them: `python -m erw_fast.kernels.aot --tuning-candidates`; on sm_80 the two 128x256 forward tiles spill, see
+# benchmarks/results/kernel_candidates.md). The backward re-reads and re-writes its fp32 (BLOCK_M, D) accumulator
+# once per BLOCK_N keys, so the BLOCK_N = 256 entries halve that traffic.
+TUNING_CANDIDATES = {
+    "lse": [
+        "128x128x64w8s3", "128x128x64w8s4", "128x128x32w8s4", "128x64x64w4s3", "128x64x64w8s4",
+        "64x128x64w4s3", "64x64x64w4s4", "64x64x128w8s3", "128x256x64w8s2", "128x256x32w8s3",
+    ],
+    "grad": [
+        "64x128x64w8s3", "64x128x64w8s2", "64x128x32w8s4", "64x64x64w4s3", "64x64x64w8s4",
+        "128x64x64w8s3", "128x64x32w8s3", "128x128x32w8s3", "64x256x64w8s2", "64x256x32w8s3",
+    ],
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LogitTiles:

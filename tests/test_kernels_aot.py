@@ -86,3 +86,21 @@ def test_documented_specialisation_rule_agrees_with_the_jit():
     values = [1, 0, 16, 768, 37, 2**33, 0.5, torch.zeros(4, dtype=torch.bfloat16), torch.zeros(8)[1:]]
     for value in values:
         assert _documented_rule(value) == tuple(native(value)), value
+
+
+def test_every_tuning_candidate_compiles_for_hopper_without_spills(tmp_path):
+    # The tuner spends GPU time on these; one that spills or cannot fit would waste it (or be picked and slow).
+    from erw_fast.kernels.tiles import TUNING_CANDIDATES
+
+    out = tmp_path / "candidates.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "erw_fast.kernels.aot", "--tuning-candidates", "--arch", "90", "--dtype", "bf16",
+           "--d", "768", "--batch", str(BATCH), "--json", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    launches = json.loads(out.read_text())["launches"]
+    assert len(launches) == sum(len(v) for v in TUNING_CANDIDATES.values())
+    for r in launches:
+        where = f"{r['name']} {r['settings']}"
+        assert r["stack_bytes"] == 0 and r["registers"] <= 255, where
+        assert r["shared_bytes"] <= ARCHES[90].shared_per_block and r["tensor_cores"] == "wgmma", where
