@@ -193,6 +193,12 @@ class Trainer:
         kwargs.update(overrides)
         return build_loader(c.data.kind, c.data.path, **kwargs)
 
+    def _held_out_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """The monitors' fixed batch: the data order's first n samples, read in this process and released."""
+        with self._build_loader(0, rank=0, world_size=1, global_batch_size=n, num_workers=0, loader_threads=0,
+                                device_prefetch=False) as loader:
+            return next(loader)
+
     def _build_encoders(self) -> None:
         self.encoders: list[nn.Module] = []
         if self.config.run.mode == "sit":
@@ -498,8 +504,7 @@ class Trainer:
             self._enter_phase(first, self._new_model(first))
 
         self.loader = self._build_loader(step)
-        self.monitor = TrainingMonitor(c, self.run_dir, self.device, lambda n: next(self._build_loader(
-            0, rank=0, world_size=1, global_batch_size=n, num_workers=0, device_prefetch=False)))
+        self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
                  f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
         metrics = None
