@@ -44,11 +44,6 @@ CANDIDATES = tiles.TUNING_CANDIDATES
 TEMPERATURE = 0.1
 
 
-def _fp32_variant(text: str) -> LogitTiles:
-    t = LogitTiles.parse(text)
-    return LogitTiles(t.block_m, t.block_n, max(16, t.block_d // 2), t.num_warps, t.num_stages)
-
-
 def _problem(kernel: str, groups: tuple[int, int, int, int], rows: int, d: int, dtype: torch.dtype, device):
     """A closure running one kernel through its launcher on fixed random inputs, plus its output getter."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -93,7 +88,7 @@ def tune(
                     run = _problem(kernel, groups, n, d, dtype, device)
                     reference = run().float()
                     for text in candidates[kernel]:
-                        cand = LogitTiles.parse(text) if dtype != torch.float32 else _fp32_variant(text)
+                        cand = LogitTiles.parse(text) if dtype != torch.float32 else LogitTiles.parse(text).for_fp32()
                         record = dict(
                             kernel=kernel, dtype=dtype_name, D=d, case=case, rows=n, group_size=groups[0],
                             key=tiles.table_key(kernel, dtype, d, groups[0]), tiles=str(cand),

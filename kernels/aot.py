@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -226,21 +226,27 @@ def alignment_launches(batch: int, tokens: int, d: int, dtype: torch.dtype, sm_c
     return launches
 
 
+def _targets(
+    arches: Sequence[int], dtypes: Sequence[str], dims: Sequence[int]
+) -> Iterator[tuple[Arch, str, int]]:
+    for capability in arches:
+        for dtype in dtypes:
+            for d in dims:
+                yield ARCHES[capability], dtype, d
+
+
 def report(
     arches: Sequence[int], dtypes: Sequence[str], dims: Sequence[int], batch: int, tokens: int
 ) -> list[LaunchReport]:
     """Compile each distinct launch once per architecture and report it."""
     reports = []
-    for capability in arches:
-        arch = ARCHES[capability]
-        for dtype in dtypes:
-            for d in dims:
-                seen = set()
-                for launch in alignment_launches(batch, tokens, d, DTYPES[dtype], arch.sm_count):
-                    key = (launch.name, launch.grid, tuple(sorted(launch.constexprs.items())))
-                    if key not in seen:
-                        seen.add(key)
-                        reports.append(compile_launch(launch, arch, dtype, d, batch * tokens))
+    for arch, dtype, d in _targets(arches, dtypes, dims):
+        seen = set()
+        for launch in alignment_launches(batch, tokens, d, DTYPES[dtype], arch.sm_count):
+            key = (launch.name, launch.grid, tuple(sorted(launch.constexprs.items())))
+            if key not in seen:
+                seen.add(key)
+                reports.append(compile_launch(launch, arch, dtype, d, batch * tokens))
     return reports
 
 
@@ -252,20 +258,14 @@ def candidate_reports(
     from .tiles import LogitTiles, pinned
 
     reports = []
-    for capability in arches:
-        arch = ARCHES[capability]
-        for dtype in dtypes:
-            for d in dims:
-                for kernel, texts in candidates.items():
-                    for text in texts:
-                        tiles = LogitTiles.parse(text)
-                        if dtype == "fp32":  # as the tuner runs fp32: half the BLOCK_D, the same bytes per chunk
-                            tiles = LogitTiles(tiles.block_m, tiles.block_n, max(16, tiles.block_d // 2),
-                                               tiles.num_warps, tiles.num_stages)
-                        with pinned(kernel, tiles):
-                            launches = alignment_launches(batch, tokens, d, DTYPES[dtype], arch.sm_count)
-                        first = next(x for x in launches if x.name == f"nt_xent.{kernel}")  # batch negatives
-                        reports.append(compile_launch(first, arch, dtype, d, batch * tokens))
+    for arch, dtype, d in _targets(arches, dtypes, dims):
+        for kernel, texts in candidates.items():
+            for text in texts:
+                tiles = LogitTiles.parse(text)
+                with pinned(kernel, tiles.for_fp32() if dtype == "fp32" else tiles):
+                    launches = alignment_launches(batch, tokens, d, DTYPES[dtype], arch.sm_count)
+                first = next(x for x in launches if x.name == f"nt_xent.{kernel}")  # batch negatives
+                reports.append(compile_launch(first, arch, dtype, d, batch * tokens))
     return reports
 
 

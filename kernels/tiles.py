@@ -81,6 +81,10 @@ class LogitTiles:
             raise ValueError(f"tiles must look like '128x64x64w4s3' (M x N x D, warps, stages), got {text!r}")
         return cls(*(int(v) for v in match.groups()))
 
+    def for_fp32(self) -> LogitTiles:
+        """The fp32 counterpart of 16-bit tiles: half the BLOCK_D, the same bytes per chunk (the tuner's rule)."""
+        return LogitTiles(self.block_m, self.block_n, max(16, self.block_d // 2), self.num_warps, self.num_stages)
+
     def constexprs(self) -> dict[str, int]:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
 

@@ -19,6 +19,8 @@ def test_tiles_parse_and_print_round_trip():
     assert t == LogitTiles(128, 64, 32, 8, 3) and str(t) == "128x64x32w8s3"
     assert t.constexprs() == {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32}
     assert t.options() == {"num_warps": 8, "num_stages": 3}
+    # fp32 elements are twice as wide: the same bytes per D chunk, never below the 16-wide dot minimum
+    assert t.for_fp32() == LogitTiles(128, 64, 16, 8, 3) and t.for_fp32().for_fp32() == t.for_fp32()
 
 
 @pytest.mark.parametrize(
