@@ -172,6 +172,11 @@ class CheckpointConfig:
     export_reference: bool = True  # also write the reference layout {model, ema, args, steps} at the end
     resume: str = "auto"  # auto (latest in the run dir) | none | path to a checkpoint
     init_from_reference: str | None = None  # a reference checkpoint to start from (a warmup one → Phase 1)
+    # On these signals (a scheduler's time limit or preemption) save at the next step boundary and exit with
+    # 128 + the signal number; [] leaves the default (the process dies, work since the last checkpoint is lost).
+    stop_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"]
+    )
 
 
 @dataclass

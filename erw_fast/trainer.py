@@ -53,6 +53,7 @@ from erw_fast.objectives import (
 )
 from erw_fast.randomness import GlobalBatchRandomness, StepDraw
 from erw_fast.runtime import DistEnv, autocast_context, init_runtime, set_tf32
+from erw_fast.stop_signals import StopSignals
 
 WARMUP, FULL = "warmup", "full"
 
@@ -63,6 +64,14 @@ class NonFiniteLossError(RuntimeError):
 
 class StepBudgetReached(Exception):
     """train.max_steps_per_run steps ran in this invocation; a checkpoint was written."""
+
+
+class StopRequested(Exception):
+    """One of checkpoint.stop_signals arrived; the ranks stopped at the same step, a checkpoint was written."""
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(f"{signal_name} received")
+        self.step = step
 
 
 @dataclass
@@ -141,6 +150,8 @@ class Trainer:
         self.run_dir = config.run_dir
         self.batch = BatchPlan.derive(config, self.env.world_size)
         self.phases = plan_phases(config)
+        self._stop_signals = StopSignals(config.checkpoint.stop_signals)
+        self._saved_step: int | None = None  # the step of the last checkpoint written by this process
         self.interpolant = Interpolant(config.diffusion.path_type)
         align = config.alignment
         backend = resolve_alignment_backend(align.backend, torch.empty(0, device=self.device))
@@ -343,6 +354,8 @@ class Trainer:
             self.log(f"checkpoint: {path}")
         if self.env.world_size > 1:
             dist.barrier()
+        if tag is None:  # a tagged one (the Phase-1 export) is not the resume point of this step
+            self._saved_step = step
 
     def _resume_source(self) -> Path | None:
         choice = self.config.checkpoint.resume
@@ -516,18 +529,18 @@ class Trainer:
                 config=c.to_dict(),
             )
         self._steps_left = c.train.max_steps_per_run
+        self.stop_exit_code = 0
         try:
-            for phase in self.phases:
-                if step >= phase.end:
-                    continue
-                if phase.name == FULL and self.phase.name == WARMUP:
-                    self._switch_to_full(phase)
-                step = self._run_phase(phase, step, metrics)
-                if phase.name == WARMUP:
-                    self._save(step, tag="phase1")
+            with self._stop_signals:
+                self.log(self._stop_signals.describe())
+                step = self._train(step, metrics)
         except StepBudgetReached:
             self.log(f"stopped after train.max_steps_per_run={c.train.max_steps_per_run} steps; rerun the same "
                      "command to resume")
+            return self.stats
+        except StopRequested as stop:
+            self.stop_exit_code = self._stop_signals.exit_code
+            self.log(f"{stop}: stopped at step {stop.step} with a checkpoint; rerun the same command to resume")
             return self.stats
         finally:
             self.loader.close()
@@ -535,6 +548,17 @@ class Trainer:
                 metrics.close()
         self._finish(step)
         return self.stats
+
+    def _train(self, step: int, metrics: MetricsWriter | None) -> int:
+        for phase in self.phases:
+            if step >= phase.end:
+                continue
+            if phase.name == FULL and self.phase.name == WARMUP:
+                self._switch_to_full(phase)
+            step = self._run_phase(phase, step, metrics)
+            if phase.name == WARMUP:
+                self._save(step, tag="phase1")
+        return step
 
     def _run_phase(self, phase: Phase, step: int, metrics: MetricsWriter | None) -> int:
         c = self.config
@@ -548,10 +572,14 @@ class Trainer:
         self.model.train()
         window_start, window_images, data_time = time.perf_counter(), 0, 0.0
         while step < phase.end:
-            if self._steps_left == 0:
+            stop = self._stop_signals.due(self.env.world_size)
+            if self._steps_left == 0 or stop is not None:
                 if progress is not None:
                     progress.close()
-                self._save(step)
+                if self._saved_step != step:  # e.g. a periodic checkpoint just written: the grace period is short
+                    self._save(step)
+                if stop is not None:
+                    raise StopRequested(stop.name, step)
                 raise StepBudgetReached()
             t0 = time.perf_counter()
             batch = next(self.loader)
@@ -595,11 +623,15 @@ class Trainer:
 
     def _global_means(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         """The logged values are means over the global batch (one all-reduce, at logging steps only), so a
-        run logs the same numbers on any world size."""
+        run logs the same numbers on any world size. The same all-reduce carries whether any rank received a
+        stop signal, so all ranks stop at the same step boundary."""
         values = torch.stack([v.detach().float().to(self.device).reshape(()) for v in totals.values()])
+        votes = torch.tensor(self._stop_signals.votes(), device=self.device)
         if self.env.world_size > 1:
-            dist.all_reduce(values)
-            values /= self.env.world_size
+            packed = torch.cat([values, votes])
+            dist.all_reduce(packed)
+            values, votes = packed[: len(totals)] / self.env.world_size, packed[len(totals) :]
+        self._stop_signals.agree(votes.tolist())
         return dict(zip(totals, values.tolist(), strict=True))
 
     def _finish(self, step: int) -> None:
@@ -676,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine, reason = select_engine(config, deepspeed_flag=args.deepspeed, deepspeed_launcher=launched_by_deepspeed)
         trainer = Trainer(config, engine=engine, engine_reason=reason)
         trainer.run()
+        exit_code = trainer.stop_exit_code
     except ConfigError as error:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same problem; say it once
             print(f"config error: {error}", file=sys.stderr)
@@ -686,4 +719,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         # under load: "terminate called without an active exception" after a complete run).
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return exit_code
