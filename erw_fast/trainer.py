@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -137,8 +137,8 @@ def model_kwargs(config: Config, z_dims: Sequence[int], attn_backend: str | None
 
 
 class Trainer:
-    def __init__(self, config: Config, env: DistEnv | None = None, log_stream=None, engine: str | None = None,
-                 engine_reason: str | None = None) -> None:
+    def __init__(self, config: Config, env: DistEnv | None = None, log_stream: TextIO | None = None,
+                 engine: str | None = None, engine_reason: str | None = None) -> None:
         self.config = config
         # main() passes what the launcher tells it; otherwise engine.kind decides (auto → DDP / one process).
         kind, reason = select_engine(config)

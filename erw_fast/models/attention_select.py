@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ class BackendTiming:
     note: str = ""
 
 
-def _time(fn, device: torch.device, repeats: int, warmup: int) -> float:
+def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -71,7 +72,9 @@ def measure_attention_backends(batch: int, heads: int, tokens: int, head_dim: in
                 out.append(BackendTiming(name, None, error, f"disagrees with math (tolerance {tolerance:g})"))
                 continue
 
-            def fwd_bwd(kernel=kernel, leaves=leaves) -> None:
+            def fwd_bwd(
+                kernel: Callable[..., torch.Tensor] = kernel, leaves: tuple[torch.Tensor, ...] = leaves
+            ) -> None:
                 kernel(*leaves).backward(grad)
 
             out.append(BackendTiming(name, _time(fwd_bwd, device, repeats, warmup), error))
