@@ -1,5 +1,6 @@
 """A scheduler's stop signal (time limit, preemption) ends the run at a step boundary with a checkpoint, and the
-resumed run continues exactly: one process, and two ranks under torchrun whose agent forwards SIGTERM."""
+resumed run continues exactly: one process; two ranks under torchrun whose agent forwards SIGTERM; two DeepSpeed
+ranks of which only one receives it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 from _trainer_helpers import REPO, TINY, read, tiny_config
 
@@ -101,10 +103,22 @@ def test_a_stop_signal_checkpoints_at_the_next_step_and_the_rerun_continues_exac
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
 
 
-def test_torchrun_forwarding_sigterm_stops_both_ranks_at_one_step(tmp_path):
-    """The agent forwards SIGTERM to its workers (as at a SLURM time limit); both ranks save the same step and
-    the relaunch matches an uninterrupted run."""
-    steps = ["train.total_steps=60", "checkpoint.every=1000", "erw.warmup_steps=6"]
+def _worker_of(agent: subprocess.Popen, local_rank: int) -> psutil.Process:
+    for child in psutil.Process(agent.pid).children(recursive=True):
+        try:
+            if child.environ().get("LOCAL_RANK") == str(local_rank):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with LOCAL_RANK={local_rank}")
+
+
+@pytest.mark.parametrize(
+    ("engine", "target"),
+    [("ddp", "agent"), ("deepspeed", "rank 1")],  # the agent forwards SIGTERM to both; or one rank alone gets it
+)
+def test_sigterm_stops_both_ranks_at_one_step_and_the_rerun_continues_exactly(tmp_path, engine, target):
+    steps = ["train.total_steps=60", "checkpoint.every=1000", "erw.warmup_steps=6", f"engine.kind={engine}"]
     args = [*TINY, *steps, f"run.output_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train.py")]
@@ -118,7 +132,10 @@ def test_torchrun_forwarding_sigterm_stops_both_ranks_at_one_step(tmp_path):
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 10):
         assert agent.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 10"
         time.sleep(0.05)
-    agent.send_signal(signal.SIGTERM)
+    if target == "agent":
+        agent.send_signal(signal.SIGTERM)
+    else:
+        _worker_of(agent, local_rank=1).send_signal(signal.SIGTERM)
     output, _ = agent.communicate(timeout=120)
     assert agent.returncode != 0, output[-3000:]
     assert output.count("SIGTERM received: stopped at step") == 1, output[-3000:]  # logged by rank 0 only
