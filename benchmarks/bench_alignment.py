@@ -5,7 +5,8 @@
 
 NT-Xent (token-level InfoNCE, batch negatives, tau = 0.1, one-sided), bf16, M = B*T in {4096, 16384, 65536}
 x D in {768, 1024}:  Triton kernel vs naive PyTorch (materialised logits + F.cross_entropy) vs
-torch.compile(naive) vs the PyTorch backend's chunked form (fp32 GEMMs on 256 MiB row chunks of the logits).
+torch.compile(naive) vs the PyTorch backend's chunked form (fp32 GEMMs on 256 MiB row chunks of the logits);
+and the training case, a frozen target (only d proj): Triton's one-pass op vs naive.
 Cosine alignment (REPA), bf16, B in {32, 256}, T = 256, D = 768: Triton kernel vs
 REPA's per-sample Python loop vs a vectorised PyTorch version.
 
@@ -54,6 +55,8 @@ FLOP_FORMULAS = {
     "fwd": "2*M*M*D  (logits q @ k^T; normalisation, exp and reductions not counted)",
     "bwd": "4*M*M*D  (dq = G @ k and dk = G^T @ q, G = softmax - I)",
     "fwd_bwd": "6*M*M*D",
+    "frozen target (*/frozen rows)": "fwd 2*M*M*D, bwd 2*M*M*D (dq only), fwd_bwd 4*M*M*D; the Triton op "
+    "computes dq during the forward (one pass), so its fwd time holds the gradient and its bwd only scales it",
 }
 # Cosine alignment is memory-bound: count the compulsory HBM traffic instead (elem = bytes per element).
 BYTE_FORMULAS = {
@@ -181,12 +184,16 @@ def measure(
     reps: int,
     warmup: int,
     budget_s: float = 30.0,
+    frozen_target: bool = False,
 ) -> dict:
-    """Raw fwd / bwd / fwd+bwd timings and peak extra memory of one implementation on one shape."""
+    """Raw fwd / bwd / fwd+bwd timings and peak extra memory of one implementation on one shape.
+
+    frozen_target: the target needs no gradient (REPA/ERW training: frozen teacher features).
+    """
     gen = torch.Generator(device=device).manual_seed(0)
     proj = torch.randn(shape, generator=gen, device=device, dtype=dtype, requires_grad=True)
-    target = torch.randn(shape, generator=gen, device=device, dtype=dtype, requires_grad=True)
-    inputs = (proj, target)
+    target = torch.randn(shape, generator=gen, device=device, dtype=dtype, requires_grad=not frozen_target)
+    inputs = (proj,) if frozen_target else (proj, target)
 
     def fwd_bwd():
         return torch.autograd.grad(loss_fn(proj, target), inputs)
@@ -221,9 +228,10 @@ def _time_backward(loss: torch.Tensor, inputs, reps: int, warmup: int, device: t
     return time_ms(lambda: torch.autograd.grad(loss, inputs, retain_graph=True), reps, warmup, device)
 
 
-def _run_case(record: dict, loss_fn, shape, dtype, device, reps, warmup) -> dict:
+def _run_case(record: dict, loss_fn, shape, dtype, device, reps, warmup, frozen_target: bool = False) -> dict:
     try:
-        record.update(status="ok", **measure(loss_fn, shape, dtype, device, reps, warmup))
+        record.update(status="ok", **measure(loss_fn, shape, dtype, device, reps, warmup,
+                                             frozen_target=frozen_target))
     except torch.OutOfMemoryError:
         record.update(status="OOM", times_ms=None, peak_extra_mib=None)
     except Exception as exc:  # keep the other cases going; the error text lands in the report
@@ -274,6 +282,9 @@ def run_benchmarks(
         "naive": naive_nt_xent,
         "compiled_naive": compiled_naive,
         "chunked_torch": chunked_nt_xent,
+        # The training case: the teacher's features are frozen, so only d proj; Triton takes its one-pass path.
+        "triton/frozen": triton_nt_xent,
+        "naive/frozen": naive_nt_xent,
     }
     cos_impls = {
         "triton": cosine_alignment_triton,
@@ -286,9 +297,11 @@ def run_benchmarks(
         shape = (max(1, m // tokens), min(m, tokens), d)
         m = shape[0] * shape[1]
         for impl, fn in nt_impls.items():
+            frozen = impl.endswith("/frozen")
             record = dict(kernel="nt_xent", impl=impl, M=m, D=d, shape=list(shape), dtype=str(dtype))
-            records.append(_run_case(record, fn, shape, dtype, device, reps, warmup))
-            flops = {"fwd": 2 * m * m * d, "bwd": 4 * m * m * d, "fwd_bwd": 6 * m * m * d}
+            records.append(_run_case(record, fn, shape, dtype, device, reps, warmup, frozen_target=frozen))
+            bwd = 2 if frozen else 4  # dq only, or dq and dk
+            flops = {"fwd": 2 * m * m * d, "bwd": bwd * m * m * d, "fwd_bwd": (2 + bwd) * m * m * d}
             if record["status"] == "ok":
                 record["tflops"] = {p: flops[p] / (record["median_ms"][p] * 1e-3) / 1e12 for p in PHASES}
             if verbose:

@@ -53,6 +53,13 @@ def _problem(kernel: str, groups: tuple[int, int, int, int], rows: int, d: int, 
     precision = "tf32" if device.type == "cuda" else "ieee"  # fp32 only; 16-bit dots ignore it
     if kernel == "lse":
         return lambda: nt_xent._lse(x, y, norm_x, norm_y, groups, TEMPERATURE, precision)
+    if kernel == "lse_grad":  # compared after the merge: the sum of the weighted partials, and the LSE
+
+        def one_pass() -> torch.Tensor:
+            lse, acc, weights = nt_xent._lse_grad(x, y, norm_x, norm_y, groups, TEMPERATURE, precision)
+            return torch.cat([(acc * weights[..., None]).sum(dim=0).flatten(), lse])
+
+        return one_pass
     lse_x = nt_xent._lse(x, y, norm_x, norm_y, groups, TEMPERATURE, precision)
     lse_y = nt_xent._lse(y, x, norm_y, norm_x, groups, TEMPERATURE, precision)
     return lambda: nt_xent._grad_partials(

@@ -26,6 +26,11 @@ Kernels
            program owns its rows). `_normalize_bwd_kernel` then adds the -k_i term and chains through the
            normalisation. The key-side pass is skipped when target needs no gradient (REPA's frozen
            encoder features).
+  one pass for a frozen target and the one-sided loss (REPA/ERW training: the teacher's features need no
+           gradient), `_lse_grad_kernel` accumulates sum_j P_ij k_j during the forward itself, rescaling
+           with the online max as flash attention does its output (the keys are also the values), so no
+           logit tile is computed twice: one pass over the logits instead of a forward and a recomputing
+           backward. The forward returns the gradient; the backward only scales it.
   splits   when query blocks alone are too few programs for the GPU (M = 8192, one local batch of 32 images,
            is 64 programs of 128 rows on 132 SMs), both logit kernels also split the keys over a third grid
            axis: forward partial max/sum merged afterwards, backward one (M, D) partial per split, summed by
@@ -251,29 +256,125 @@ def _grad_kernel(
         if HAS_LSE_Y:
             lse_y = tl.load(LSE_Y + cols, mask=col_mask, other=0.0) * 1.4426950408889634
             p += w_y * tl.exp2(s - lse_y[None, :])
-        # Probabilities (<= 1) go into the second dot in the input dtype, as in flash attention.
-        p = tl.where(col_mask[None, :], p, 0.0).to(Y.dtype.element_ty)
-        y_base = cols.to(tl.int64)[:, None] * D
-        # The split's first key block initialises its rows (the buffer starts uninitialised), later ones add.
-        # (A row vector, not a scalar: the interpreter mistypes `block_mask & scalar_bool`.)
-        accumulate = (tl.zeros((BLOCK_M,), dtype=tl.int32) + n0) > n_lo
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            y = tl.load(Y + y_base + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            # Normalise the key chunk before the dot (not fold 1/|y| into p): 1/|y| can overflow fp16.
-            k = (y.to(tl.float32) * col_scale[:, None]).to(Y.dtype.element_ty)
-            ptrs = ACC + acc_base + offs_d[None, :]
-            out_mask = row_mask[:, None] & d_mask[None, :]
-            prev = tl.load(ptrs, mask=out_mask & accumulate[:, None], other=0.0)
-            tl.store(ptrs, _mma(p, k, prev, INPUT_PRECISION, UPCAST), mask=out_mask)
+        p = tl.where(col_mask[None, :], p, 0.0)
+        _add_p_times_keys(
+            ACC, acc_base, Y, cols, col_mask, col_scale, row_mask, p, p, n0 > n_lo, D, False,
+            BLOCK_M, BLOCK_D, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
 
 
 @triton.jit
-def _sum_partials(ACC, offs, mask, n_splits, split_stride):
+def _add_p_times_keys(
+    ACC,
+    acc_base,
+    Y,
+    cols,
+    col_mask,
+    col_scale,
+    row_mask,
+    p,
+    alpha,
+    accumulate,
+    D,
+    RESCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """ACC rows <- (ACC rows [* alpha if RESCALE] if accumulate else 0) + p @ k over D in BLOCK_D chunks.
+
+    D is too large (768-1536) for a BLOCK_M x D accumulator in registers, so the rows are read and written
+    once per key block (a program owns its rows: no atomics).
+    """
+    # Probabilities (<= 1) go into the second dot in the input dtype, as in flash attention.
+    p = p.to(Y.dtype.element_ty)
+    y_base = cols.to(tl.int64)[:, None] * D
+    # The split's first key block initialises its rows (the buffer starts uninitialised), later ones add.
+    # (A row vector, not a scalar: the interpreter mistypes `block_mask & scalar_bool`.)
+    keep = (tl.zeros((BLOCK_M,), dtype=tl.int32) + accumulate.to(tl.int32)) > 0
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        y = tl.load(Y + y_base + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        # Normalise the key chunk before the dot (not fold 1/|y| into p): 1/|y| can overflow fp16.
+        k = (y.to(tl.float32) * col_scale[:, None]).to(Y.dtype.element_ty)
+        ptrs = ACC + acc_base + offs_d[None, :]
+        out_mask = row_mask[:, None] & d_mask[None, :]
+        prev = tl.load(ptrs, mask=out_mask & keep[:, None], other=0.0)
+        if RESCALE:
+            prev = prev * alpha[:, None]
+        tl.store(ptrs, _mma(p, k, prev, INPUT_PRECISION, UPCAST), mask=out_mask)
+
+
+@triton.jit
+def _lse_grad_kernel(
+    X,
+    Y,
+    NORM_X,
+    NORM_Y,
+    OUT_M,
+    OUT_L,
+    ACC,
+    n_rows,
+    group_size,
+    group_stride,
+    elem_stride,
+    D,
+    blocks_per_split,
+    scale_log2,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One pass for a frozen target and the one-sided loss (REPA/ERW training): the forward and the gradient.
+
+    The softmax-weighted key sum the gradient needs, sum_j P_ij k_j, is attention's output with the keys as
+    values, so it accumulates with the online LSE as in flash attention's forward: ACC_i is rescaled by
+    2^(m_old - m_new) whenever the running max grows. Program_id(2) = s writes its running max m and sum l
+    (base 2) to row s of OUT_M / OUT_L and its unnormalised ACC to ACC[s]; `_merge_splits` gives the LSE
+    and each split's weight 2^(m_s - m) / L. No logit tile is computed twice (the two-pass form recomputes
+    every one in the backward).
+    """
+    split = tl.program_id(2)
+    n_lo, n_hi = _key_range(blocks_per_split, group_size, BLOCK_N)
+    rows, row_mask, row_scale = _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS, BLOCK_M)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_base = (split.to(tl.int64) * n_rows + rows.to(tl.int64))[:, None] * D
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        s, cols, col_mask, col_scale = _logit_tile(
+            X, Y, NORM_Y, rows, row_mask, row_scale, n0, group_size, group_stride, elem_stride, D, EPS,
+            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
+        s = tl.where(col_mask[None, :], s, float("-inf"))  # no split is empty: m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # 0 at the first block (m_i = -inf), where ACC is not read
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        _add_p_times_keys(
+            ACC, acc_base, Y, cols, col_mask, col_scale, row_mask, p, alpha, n0 > n_lo, D, True,
+            BLOCK_M, BLOCK_D, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
+    tl.store(OUT_M + split * n_rows + rows, m_i, mask=row_mask)
+    tl.store(OUT_L + split * n_rows + rows, l_i, mask=row_mask)
+
+
+@triton.jit
+def _sum_partials(ACC, offs, mask, n_splits, split_stride, WEIGHTS, rows, row_mask, n_rows, WEIGHTED: tl.constexpr):
+    """sum_s ACC[s] over the (rows, chunk) block at offs, each split times WEIGHTS[s, row] if WEIGHTED."""
     a = tl.load(ACC + offs, mask=mask, other=0.0)
+    if WEIGHTED:
+        a = a * tl.load(WEIGHTS + rows, mask=row_mask, other=0.0)[:, None]
     for s in range(1, n_splits):
-        a += tl.load(ACC + s * split_stride + offs, mask=mask, other=0.0)
+        part = tl.load(ACC + s * split_stride + offs, mask=mask, other=0.0)
+        if WEIGHTED:
+            part = part * tl.load(WEIGHTS + s * n_rows + rows, mask=row_mask, other=0.0)[:, None]
+        a += part
     return a
 
 
@@ -282,6 +383,7 @@ def _normalize_bwd_kernel(
     X,
     NORM_X,
     ACC,
+    WEIGHTS,
     Y,
     NORM_Y,
     GRAD,
@@ -291,12 +393,14 @@ def _normalize_bwd_kernel(
     D,
     scale,
     EPS: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """dL/dx for dL/dq = c (ACC - k), c = GRAD * scale, through q = x / max(|x|, eps), k = y / max(|y|, eps).
 
-    ACC holds n_splits partial sums (splits, n_rows, D), added here.
+    ACC holds n_splits partial sums (splits, n_rows, D), added here (WEIGHTED: each times its split's
+    per-row weight, (splits, n_rows), the one-pass kernel's normalisation).
 
     dL/dx = (dq - q (q.dq)) / |x|, or dq / eps where the norm is clamped (the clamp has no gradient).
     Two passes over D: the first for q.dq, the second to write.
@@ -314,7 +418,10 @@ def _normalize_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols[None, :] < D)
         x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = _sum_partials(ACC, base + cols[None, :], mask, n_splits, n_rows.to(tl.int64) * D)
+        a = _sum_partials(
+            ACC, base + cols[None, :], mask, n_splits, n_rows.to(tl.int64) * D, WEIGHTS, rows, row_mask, n_rows,
+            WEIGHTED,
+        )  # fmt: skip
         y = tl.load(Y + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x_acc += tl.sum(x * a, axis=1)
         x_y += tl.sum(x * y, axis=1)
@@ -324,7 +431,10 @@ def _normalize_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols[None, :] < D)
         x = tl.load(X + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = _sum_partials(ACC, base + cols[None, :], mask, n_splits, n_rows.to(tl.int64) * D)
+        a = _sum_partials(
+            ACC, base + cols[None, :], mask, n_splits, n_rows.to(tl.int64) * D, WEIGHTS, rows, row_mask, n_rows,
+            WEIGHTED,
+        )  # fmt: skip
         y = tl.load(Y + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dq = c * (a - y * ry[:, None])
         dx = (dq - x * (rx * q_dq)[:, None]) * rx[:, None]
@@ -403,9 +513,57 @@ def _lse(
     ).run()
     if splits == 1:
         return out_m[0]
-    # Merge the splits' base-2 running max / sum: lse = ln2 * (m + log2 sum_s l_s 2^(m_s - m)), m = max_s m_s.
+    return _merge_splits(out_m, out_l)[0]
+
+
+def _merge_splits(out_m: Tensor, out_l: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-split base-2 running max / sum (splits, n) -> (LSE (natural log), each split's weight).
+
+    lse = ln2 (m + log2 L) with m = max_s m_s and L = sum_s l_s 2^(m_s - m); split s's softmax-weighted
+    partial sum counts 2^(m_s - m) / L of the total.
+    """
     m = out_m.amax(dim=0)
-    return (m + torch.log2((out_l * torch.exp2(out_m - m)).sum(dim=0))) * math.log(2.0)
+    rescale = torch.exp2(out_m - m)
+    total = (out_l * rescale).sum(dim=0)
+    return (m + torch.log2(total)) * math.log(2.0), rescale / total
+
+
+def _lse_grad(
+    x: Tensor,
+    y: Tensor,
+    norm_x: Tensor,
+    norm_y: Tensor,
+    groups: tuple[int, int, int, int],
+    temperature: float,
+    input_precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass: (row LSE, (splits, M, D) fp32 partials of sum_j P_ij k_j, (splits, M) weights of the partials)."""
+    n, d = x.shape
+    tiles, grid, blocks_per_split = _split_grid("lse_grad", x, groups, bytes_per_split=n * d * 4)
+    splits = grid[2]
+    precision, upcast = _utils.dot_settings(x.dtype, input_precision)
+    out_m = _utils.empty((splits, n), torch.float32, x.device)
+    out_l = _utils.empty((splits, n), torch.float32, x.device)
+    acc = _utils.empty((splits, n, d), torch.float32, x.device)
+    Launch(
+        "nt_xent.lse_grad",
+        _lse_grad_kernel,
+        grid,
+        dict(
+            X=x,
+            Y=y,
+            NORM_X=norm_x,
+            NORM_Y=norm_y,
+            OUT_M=out_m,
+            OUT_L=out_l,
+            ACC=acc,
+            **_geometry(n, d, groups, blocks_per_split, temperature),
+        ),
+        dict(EPS=EPS, INPUT_PRECISION=precision, UPCAST=upcast, **tiles.constexprs()),
+        tiles.options(),
+    ).run()
+    lse, weights = _merge_splits(out_m, out_l)
+    return lse, acc, weights
 
 
 def _grad_partials(
@@ -456,10 +614,18 @@ def _grad_partials(
 
 
 def _normalize_bwd(
-    x: Tensor, norm_x: Tensor, acc: Tensor, y: Tensor, norm_y: Tensor, grad: Tensor, scale: float
+    x: Tensor,
+    norm_x: Tensor,
+    acc: Tensor,
+    y: Tensor,
+    norm_y: Tensor,
+    grad: Tensor,
+    scale: float,
+    weights: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     n, d = x.shape
-    dx = _utils.empty((n, d), x.dtype, x.device)
+    dx = _utils.empty((n, d), out_dtype or x.dtype, x.device)
     block_r, block_d, warps = row_launch_config(n, d)
     Launch(
         "nt_xent.normalize_bwd",
@@ -469,6 +635,7 @@ def _normalize_bwd(
             X=x,
             NORM_X=norm_x,
             ACC=acc,
+            WEIGHTS=norm_x if weights is None else weights,  # a dummy when unweighted
             Y=y,
             NORM_Y=norm_y,
             GRAD=grad,
@@ -478,7 +645,7 @@ def _normalize_bwd(
             D=d,
             scale=scale,
         ),
-        dict(EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d),
+        dict(EPS=EPS, WEIGHTED=weights is not None, BLOCK_R=block_r, BLOCK_D=block_d),
         dict(num_warps=warps),
     ).run()
     return dx
@@ -604,6 +771,50 @@ def _backward(ctx, grad_loss, *_unused_grads):
 nt_xent_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("erw_fast::nt_xent_frozen_target", mutates_args=())
+def nt_xent_frozen_target(
+    proj: Tensor, target: Tensor, temperature: float, position: bool, input_precision: str
+) -> tuple[Tensor, Tensor]:
+    """(loss, d loss/d proj in fp32) of the one-sided loss, both from one pass over the logits.
+
+    For a target that needs no gradient (REPA/ERW: frozen encoder features): the gradient is computed with
+    the loss, so the backward only scales it by the upstream gradient. proj and target: (B, T, D), one
+    kernel dtype.
+    """
+    if proj.dtype != target.dtype:
+        raise ValueError(f"nt_xent_frozen_target needs one dtype, got {proj.dtype} and {target.dtype}")
+    b, t, d = proj.shape
+    m = b * t
+    x = proj.contiguous().view(m, d)
+    y = target.contiguous().view(m, d)
+    norm_p, norm_t, cos = row_stats(x, y)
+    lse, acc, weights = _lse_grad(x, y, norm_p, norm_t, _groups(b, t, position), temperature, input_precision)
+    loss = (lse - cos / temperature).mean()
+    unit = torch.ones((), dtype=torch.float32, device=x.device)  # d loss / d loss
+    grad = _normalize_bwd(x, norm_p, acc, y, norm_t, unit, 1.0 / (m * temperature), weights, torch.float32)
+    return loss, grad.view(b, t, d)
+
+
+@nt_xent_frozen_target.register_fake
+def _(proj, target, temperature, position, input_precision):
+    return proj.new_empty((), dtype=torch.float32), torch.empty_like(proj, dtype=torch.float32)
+
+
+def _setup_frozen_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.proj_dtype = inputs[0].dtype
+
+
+def _frozen_backward(ctx, grad_loss, _grad_of_grad):
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("nt_xent_frozen_target gives no gradient for target; use nt_xent_fwd when it needs one")
+    (grad_proj,) = ctx.saved_tensors
+    return (grad_loss * grad_proj).to(ctx.proj_dtype), None, None, None, None
+
+
+nt_xent_frozen_target.register_autograd(_frozen_backward, setup_context=_setup_frozen_context)
+
+
 # --------------------------------------------------------------------------------------------- public API
 
 
@@ -640,5 +851,8 @@ def nt_xent_triton(
         dtype = torch.get_autocast_dtype(device_type)
     proj = proj.to(dtype).contiguous()
     target = target.to(dtype).contiguous()
-    out = nt_xent_fwd(proj, target, float(temperature), negatives == "position", bool(symmetric), precision)
-    return out[0]
+    position = negatives == "position"
+    if not symmetric and torch.is_grad_enabled() and proj.requires_grad and not target.requires_grad:
+        # The training case (frozen teacher features): forward and gradient in one pass, no recomputation.
+        return nt_xent_frozen_target(proj, target, float(temperature), position, precision)[0]
+    return nt_xent_fwd(proj, target, float(temperature), position, bool(symmetric), precision)[0]

@@ -27,7 +27,7 @@ import triton
 
 from . import _utils
 
-KERNELS = ("lse", "grad")
+KERNELS = ("lse", "grad", "lse_grad")  # forward, backward, one-pass forward+gradient (frozen target)
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 # Tables are keyed by group size rounded up to a power of two and capped here: beyond it every group
 # is many tiles long and the best tile no longer depends on the size.
@@ -50,6 +50,7 @@ TUNING_CANDIDATES = {
         "128x64x64w8s3", "128x64x32w8s3", "128x128x32w8s3", "64x256x64w8s2", "64x256x32w8s3",
     ],
 }  # fmt: skip
+TUNING_CANDIDATES["lse_grad"] = list(TUNING_CANDIDATES["grad"])  # the same tile work plus a rescale
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ def default_tiles(kernel: str, group_size: int, d: int, dtype: torch.dtype) -> L
     if kernel == "lse":
         tiles = LogitTiles(128, 128, 64, 8, 3) if wide else LogitTiles(128, 64, 32, 8, 3)
     else:
-        # The backward reads and writes its fp32 (BLOCK_M, D) accumulator once per key block: BLOCK_N/2
-        # FLOPs per byte of that traffic, so BLOCK_N is the wide side.
+        # The backward and the one-pass kernel read and write their fp32 (BLOCK_M, D) accumulator once per key
+        # block: BLOCK_N/2 FLOPs per byte of that traffic, so BLOCK_N is the wide side.
         tiles = LogitTiles(64, 128, 64, 8, 3) if wide else LogitTiles(64, 64, 32, 4, 3)
     return _fit_small_group(tiles, group_size)
 

@@ -55,9 +55,14 @@ def test_timing_and_report_on_tiny_shapes(bench, tmp_path):
         verbose=False,
         on_record=lambda done: progress.append(len(done)),
     )
-    assert progress == list(range(1, 8))  # called after every case
-    assert [r["status"] for r in records] == ["ok"] * 7, [r["status"] for r in records]
+    assert progress == list(range(1, 10))  # called after every case
+    assert [r["status"] for r in records] == ["ok"] * 9, [r["status"] for r in records]
     assert all(len(r["times_ms"][phase]) == 2 for r in records for phase in bench.PHASES)
+    frozen = {r["impl"]: r for r in records if r["impl"].endswith("/frozen")}
+    assert set(frozen) == {"triton/frozen", "naive/frozen"}  # the training case: d proj only, 4 M^2 D FLOPs
+    m, d = frozen["naive/frozen"]["M"], frozen["naive/frozen"]["D"]
+    rate = frozen["naive/frozen"]["tflops"]["fwd_bwd"] * 1e12 * frozen["naive/frozen"]["median_ms"]["fwd_bwd"] * 1e-3
+    assert rate == pytest.approx(4 * m * m * d)
     # A fake OOM record must render as "OOM" everywhere.
     records.append(
         dict(

@@ -35,7 +35,8 @@ def reports(tmp_path_factory):
 
 def test_every_launch_compiles_for_both_architectures(reports):
     seen = {(r["arch"], r["dtype"], r["d"], r["name"]) for r in reports}
-    names = {"cosine.row_stats", "cosine.bwd", "nt_xent.lse", "nt_xent.grad", "nt_xent.normalize_bwd"}
+    names = {"cosine.row_stats", "cosine.bwd", "nt_xent.lse", "nt_xent.grad", "nt_xent.lse_grad",
+             "nt_xent.normalize_bwd"}
     for arch in (80, 90):
         for dtype in ("bf16", "fp32"):
             for d in (768, 1280):
@@ -53,7 +54,8 @@ def test_no_launch_spills_or_overflows_shared_memory(reports):
 
 def test_16bit_logit_kernels_use_pipelined_tensor_cores(reports):
     expected = {80: "mma", 90: "wgmma"}
-    logit = [r for r in reports if r["name"] in ("nt_xent.lse", "nt_xent.grad") and r["dtype"] == "bf16"]
+    logit = [r for r in reports if r["name"] in ("nt_xent.lse", "nt_xent.grad", "nt_xent.lse_grad")
+             and r["dtype"] == "bf16"]
     big = [r for r in logit if r["grid"][1] == 1]  # batch negatives: 128-row tiles (position groups are 32)
     assert big
     for r in big:

@@ -187,6 +187,104 @@ def test_gradient_for_one_input_only(frozen):
         assert_close(target.grad, target64.grad, 1e-5, "d target")
 
 
+# ---- the one-pass path: frozen target, one-sided loss (REPA/ERW training) ---------------------------------
+
+
+def check_one_pass(shape, dtype, temperature, negatives, seed=0, atol=1e-12):
+    """The frozen-target path against float64, and proof that it ran (and the two-pass ops did not)."""
+    calls = []
+    real_one_pass, real_fwd = nt_xent_module.nt_xent_frozen_target, nt_xent_module.nt_xent_fwd
+    proj, target = make_inputs(shape, dtype, seed)
+    target.requires_grad_(False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nt_xent_module, "nt_xent_frozen_target", lambda *a: calls.append("one pass") or real_one_pass(*a))
+        patch.setattr(nt_xent_module, "nt_xent_fwd", lambda *a: calls.append("two pass") or real_fwd(*a))
+        loss = nt_xent_triton(proj, target, temperature, negatives, input_precision="ieee")
+    assert calls == ["one pass"]
+    (3.0 * loss).backward()  # an upstream gradient other than 1 reaches the saved gradient
+    proj64 = proj.detach().double().requires_grad_()
+    ref = reference_nt_xent(proj64, target.double(), temperature, negatives, False)
+    (3.0 * ref).backward()
+    assert loss.dtype == torch.float32 and proj.grad.dtype == dtype and target.grad is None
+    assert_close(loss, ref, REL_TOL[dtype], "loss", atol)
+    assert_close(proj.grad, proj64.grad, REL_TOL[dtype], "d proj", atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+def test_one_pass_matches_reference(dtype, negatives):
+    check_one_pass((5, 14, 48), dtype, 0.1, negatives)
+
+
+@pytest.mark.parametrize("d", [768, 1536])
+def test_one_pass_encoder_feature_dims(d):
+    check_one_pass((3, 6, d), torch.float32, 0.1, "batch", seed=d)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 10.0])
+def test_one_pass_temperature_extremes(temperature):
+    # tau = 0.01: the running max jumps by up to 200 between key blocks, so the rescaling of ACC matters.
+    check_one_pass((4, 9, 32), torch.float32, temperature, "batch")
+
+
+def test_one_pass_single_token():
+    check_one_pass((1, 1, 32), torch.float32, 0.1, "batch", atol=1e-5)
+
+
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_pass_small_tiles_and_key_splits(monkeypatch, negatives, dtype):
+    # 16-wide tiles (several key blocks per split: the online rescaling) and forced ragged key splits (the
+    # merge weights every split's partial sum by 2^(m_s - m) / L).
+    splits_seen = []
+
+    def forced_splits(programs, key_blocks, device, bytes_per_split=0):
+        splits_seen.append(triton.cdiv(key_blocks, 2))
+        return splits_seen[-1]
+
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda *args: LogitTiles(16, 16, 16, 4, 1))
+    monkeypatch.setattr(nt_xent_module, "key_splits", forced_splits)
+    check_one_pass((37, 2, 40), dtype, 0.05, negatives)
+    assert max(splits_seen) >= 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_pass_gpu_default_tiles(monkeypatch, dtype):
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda kernel, g, d, dt, dev: default_tiles(kernel, g, d, dt))
+    monkeypatch.setattr(
+        nt_xent_module, "key_splits", lambda programs, blocks, device, nbytes=0: plan_key_splits(programs, blocks, 132)
+    )
+    check_one_pass((3, 50, 200), dtype, 0.1, "batch")
+
+
+def test_one_pass_only_where_it_applies():
+    # Symmetric, a target that needs a gradient, or no autograd at all: the two-pass ops (which give the same
+    # loss); with a frozen target and the one-sided loss, the same loss and d proj as the two-pass ops.
+    proj, target = make_inputs((3, 7, 32), torch.float32)
+    seen = []
+    real = nt_xent_module.nt_xent_frozen_target
+
+    def spy(*args):
+        seen.append(True)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nt_xent_module, "nt_xent_frozen_target", spy)
+        nt_xent_triton(proj, target.detach(), 0.2, "batch", True, input_precision="ieee")
+        nt_xent_triton(proj, target, 0.2, "batch", False, input_precision="ieee")
+        with torch.no_grad():
+            nt_xent_triton(proj, target.detach(), 0.2, "batch", False, input_precision="ieee")
+        assert seen == []
+        one = nt_xent_triton(proj, target.detach(), 0.2, "batch", False, input_precision="ieee")
+        assert seen == [True]
+    (grad_one,) = torch.autograd.grad(one, proj)
+    loss, *stats = nt_xent_fwd(proj.detach(), target.detach(), 0.2, False, False, "ieee")
+    grad_two, _ = nt_xent_bwd(torch.tensor(1.0), proj.detach(), target.detach(), *stats, 0.2, False, False, "ieee",
+                              True, False)
+    assert_close(one, loss, 1e-6, "loss")
+    assert_close(grad_one, grad_two, 1e-5, "d proj")
+
+
 def test_mixed_and_fp64_inputs_get_grads_in_their_dtype():
     proj = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
@@ -291,6 +389,8 @@ def test_opcheck(position):
     proj, target = make_inputs((2, 5, 32), torch.float32)
     torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, True, "ieee"))
     torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, False, "ieee"))
+    frozen = target.detach()
+    torch.library.opcheck(nt_xent_module.nt_xent_frozen_target, (proj, frozen, 0.1, position, "ieee"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -300,7 +400,9 @@ def test_torch_compile_fullgraph(backend):
     proj, target = make_inputs((2, 5, 32), torch.float32)
 
     def objective(p, t):
-        return nt_xent_triton(p, t, 0.1, "position", True) + 0.5 * nt_xent_triton(p, t, 0.2, "batch")
+        frozen = t.detach()  # the one-pass op (REPA's frozen teacher) in the same graph
+        return (nt_xent_triton(p, t, 0.1, "position", True) + 0.5 * nt_xent_triton(p, t, 0.2, "batch")
+                + 0.25 * nt_xent_triton(p, frozen, 0.3, "batch"))
 
     compiled = torch.compile(objective, fullgraph=True, backend=backend)
     loss = compiled(proj, target)

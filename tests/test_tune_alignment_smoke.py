@@ -32,11 +32,11 @@ def test_tuner_writes_a_table_the_kernels_read(tuner, tmp_path):
     args += ["--position-batches", "5", "--dtype", "bf16", "--candidates", "16x16x16w4s1", "32x16x32w4s1"]
     assert tuner.main(args + ["--reps", "1", "--warmup", "0"]) == 0
     records = json.loads((tmp_path / "tune_alignment.json").read_text())["records"]
-    # 2 kernels x 2 group sizes x 2 candidates, all correct against the default tiles.
-    assert len(records) == 8 and all(r["status"] == "ok" for r in records), records
+    # 3 kernels x 2 group sizes x 2 candidates, all correct against the default tiles.
+    assert len(records) == 12 and all(r["status"] == "ok" for r in records), records
     assert max(r["max_rel_err"] for r in records) < 2e-2
     name = "cpu (Triton interpreter)"
-    for kernel in ("lse", "grad"):
+    for kernel in ("lse", "grad", "lse_grad"):
         for group in (48, 5):
             found = tuned_tiles(name, kernel, torch.bfloat16, 40, group, table)
             assert found in (LogitTiles(16, 16, 16, 4, 1), LogitTiles(32, 16, 32, 4, 1))
