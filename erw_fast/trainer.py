@@ -530,23 +530,24 @@ class Trainer:
             )
         self._steps_left = c.train.max_steps_per_run
         self.stop_exit_code = 0
-        try:
-            with self._stop_signals:
-                self.log(self._stop_signals.describe())
+        # Handled through the final save and export too: a signal then is noted, and the run still completes.
+        with self._stop_signals:
+            self.log(self._stop_signals.describe())
+            try:
                 step = self._train(step, metrics)
-        except StepBudgetReached:
-            self.log(f"stopped after train.max_steps_per_run={c.train.max_steps_per_run} steps; rerun the same "
-                     "command to resume")
-            return self.stats
-        except StopRequested as stop:
-            self.stop_exit_code = self._stop_signals.exit_code
-            self.log(f"{stop}: stopped at step {stop.step} with a checkpoint; rerun the same command to resume")
-            return self.stats
-        finally:
-            self.loader.close()
-            if metrics is not None:
-                metrics.close()
-        self._finish(step)
+            except StepBudgetReached:
+                self.log(f"stopped after train.max_steps_per_run={c.train.max_steps_per_run} steps; rerun the "
+                         "same command to resume")
+                return self.stats
+            except StopRequested as stop:
+                self.stop_exit_code = self._stop_signals.exit_code
+                self.log(f"{stop}: stopped at step {stop.step} with a checkpoint; rerun the same command to resume")
+                return self.stats
+            finally:
+                self.loader.close()
+                if metrics is not None:
+                    metrics.close()
+            self._finish(step)
         return self.stats
 
     def _train(self, step: int, metrics: MetricsWriter | None) -> int:
@@ -625,14 +626,16 @@ class Trainer:
         """The logged values are means over the global batch (one all-reduce, at logging steps only), so a
         run logs the same numbers on any world size. The same all-reduce carries whether any rank received a
         stop signal, so all ranks stop at the same step boundary."""
+        n = len(totals)
         values = torch.stack([v.detach().float().to(self.device).reshape(()) for v in totals.values()])
-        votes = torch.tensor(self._stop_signals.votes(), device=self.device)
         if self.env.world_size > 1:
-            packed = torch.cat([values, votes])
+            packed = torch.cat([values, torch.tensor(self._stop_signals.votes(), device=self.device)])
             dist.all_reduce(packed)
-            values, votes = packed[: len(totals)] / self.env.world_size, packed[len(totals) :]
-        self._stop_signals.agree(votes.tolist())
-        return dict(zip(totals, values.tolist(), strict=True))
+            values = torch.cat([packed[:n] / self.env.world_size, packed[n:]])
+        flat = values.tolist()  # one host sync
+        if self.env.world_size > 1:
+            self._stop_signals.agree(flat[n:])
+        return dict(zip(totals, flat[:n], strict=True))
 
     def _finish(self, step: int) -> None:
         c = self.config
