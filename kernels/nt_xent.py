@@ -258,7 +258,7 @@ def _grad_kernel(
             p += w_y * tl.exp2(s - lse_y[None, :])
         p = tl.where(col_mask[None, :], p, 0.0)
         _add_p_times_keys(
-            ACC, acc_base, Y, cols, col_mask, col_scale, row_mask, p, p, n0 > n_lo, D, False,
+            ACC, acc_base, Y, cols, col_mask, col_scale, row_mask, p, p, n0 > n_lo, D, False,  # (no alpha)
             BLOCK_M, BLOCK_D, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
 
