@@ -52,7 +52,7 @@ from ._utils import EPS
 from .cosine import _INTERPRETED as _ROW_KERNELS_INTERPRETED
 from .cosine import row_launch_config, row_stats
 from .launch import Launch
-from .tiles import LogitTiles, key_splits, logit_tiles
+from .tiles import key_splits, logit_tiles
 
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals (no globals in @jit)
 
@@ -451,32 +451,41 @@ def _groups(b: int, t: int, position: bool) -> tuple[int, int, int, int]:
     return b * t, 1, 0, 1
 
 
-def _split_grid(
-    kernel: str, x: Tensor, groups: tuple[int, int, int, int], bytes_per_split: int = 0
-) -> tuple[LogitTiles, tuple[int, int, int], int]:
-    """Tiles, grid (query blocks, groups, key splits) and key blocks per split for a logit kernel."""
-    group_size, n_groups = groups[0], groups[1]
-    tiles = logit_tiles(kernel, group_size, x.shape[1], x.dtype, x.device)
-    query_blocks = triton.cdiv(group_size, tiles.block_m)
-    key_blocks = triton.cdiv(group_size, tiles.block_n)
-    splits = key_splits(query_blocks * n_groups, key_blocks, x.device, bytes_per_split)
-    return tiles, (query_blocks, n_groups, splits), triton.cdiv(key_blocks, splits)
+class _LogitPlan:
+    """Tiles, grid (query blocks, groups, key splits) and the shared arguments of one logit-kernel launch."""
 
+    def __init__(
+        self,
+        kernel: str,
+        x: Tensor,
+        groups: tuple[int, int, int, int],
+        temperature: float,
+        input_precision: str,
+        bytes_per_split: int = 0,
+    ) -> None:
+        group_size, n_groups, group_stride, elem_stride = groups
+        n, d = x.shape
+        self.kernel = kernel
+        self.tiles = logit_tiles(kernel, group_size, d, x.dtype, x.device)
+        query_blocks = triton.cdiv(group_size, self.tiles.block_m)
+        key_blocks = triton.cdiv(group_size, self.tiles.block_n)
+        self.splits = key_splits(query_blocks * n_groups, key_blocks, x.device, bytes_per_split)
+        self.grid = (query_blocks, n_groups, self.splits)
+        precision, upcast = _utils.dot_settings(x.dtype, input_precision)
+        self.geometry = dict(
+            n_rows=n,
+            group_size=group_size,
+            group_stride=group_stride,
+            elem_stride=elem_stride,
+            D=d,
+            blocks_per_split=triton.cdiv(key_blocks, self.splits),
+            scale_log2=LOG2E / temperature,
+        )
+        self.flags = dict(EPS=EPS, INPUT_PRECISION=precision, UPCAST=upcast, **self.tiles.constexprs())
 
-def _geometry(
-    n: int, d: int, groups: tuple[int, int, int, int], blocks_per_split: int, temperature: float
-) -> dict[str, int | float]:
-    """The logit kernels' shared arguments: row/feature counts, candidate groups, key split, logit scale."""
-    group_size, _, group_stride, elem_stride = groups
-    return dict(
-        n_rows=n,
-        group_size=group_size,
-        group_stride=group_stride,
-        elem_stride=elem_stride,
-        D=d,
-        blocks_per_split=blocks_per_split,
-        scale_log2=LOG2E / temperature,
-    )
+    def run(self, fn: triton.JITFunction, args: dict, flags: dict | None = None) -> None:
+        Launch(f"nt_xent.{self.kernel}", fn, self.grid, {**args, **self.geometry}, {**(flags or {}), **self.flags},
+               self.tiles.options()).run()
 
 
 def _lse(
@@ -489,29 +498,13 @@ def _lse(
     input_precision: str,
 ) -> Tensor:
     """Per-row LSE over each row's candidate keys (fp32, natural log)."""
-    n, d = x.shape
-    tiles, grid, blocks_per_split = _split_grid("lse", x, groups)
-    splits = grid[2]
-    precision, upcast = _utils.dot_settings(x.dtype, input_precision)
-    out_m = _utils.empty((splits, n), torch.float32, x.device)
-    out_l = _utils.empty((splits, n), torch.float32, x.device) if splits > 1 else out_m
-    Launch(
-        "nt_xent.lse",
-        _lse_kernel,
-        grid,
-        dict(
-            X=x,
-            Y=y,
-            NORM_X=norm_x,
-            NORM_Y=norm_y,
-            OUT_M=out_m,
-            OUT_L=out_l,
-            **_geometry(n, d, groups, blocks_per_split, temperature),
-        ),
-        dict(EPS=EPS, SPLIT=splits > 1, INPUT_PRECISION=precision, UPCAST=upcast, **tiles.constexprs()),
-        tiles.options(),
-    ).run()
-    if splits == 1:
+    n = x.shape[0]
+    plan = _LogitPlan("lse", x, groups, temperature, input_precision)
+    out_m = _utils.empty((plan.splits, n), torch.float32, x.device)
+    out_l = _utils.empty((plan.splits, n), torch.float32, x.device) if plan.splits > 1 else out_m
+    plan.run(_lse_kernel, dict(X=x, Y=y, NORM_X=norm_x, NORM_Y=norm_y, OUT_M=out_m, OUT_L=out_l),
+             dict(SPLIT=plan.splits > 1))
+    if plan.splits == 1:
         return out_m[0]
     return _merge_splits(out_m, out_l)[0]
 
@@ -539,29 +532,11 @@ def _lse_grad(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One pass: (row LSE, (splits, M, D) fp32 partials of sum_j P_ij k_j, (splits, M) weights of the partials)."""
     n, d = x.shape
-    tiles, grid, blocks_per_split = _split_grid("lse_grad", x, groups, bytes_per_split=n * d * 4)
-    splits = grid[2]
-    precision, upcast = _utils.dot_settings(x.dtype, input_precision)
-    out_m = _utils.empty((splits, n), torch.float32, x.device)
-    out_l = _utils.empty((splits, n), torch.float32, x.device)
-    acc = _utils.empty((splits, n, d), torch.float32, x.device)
-    Launch(
-        "nt_xent.lse_grad",
-        _lse_grad_kernel,
-        grid,
-        dict(
-            X=x,
-            Y=y,
-            NORM_X=norm_x,
-            NORM_Y=norm_y,
-            OUT_M=out_m,
-            OUT_L=out_l,
-            ACC=acc,
-            **_geometry(n, d, groups, blocks_per_split, temperature),
-        ),
-        dict(EPS=EPS, INPUT_PRECISION=precision, UPCAST=upcast, **tiles.constexprs()),
-        tiles.options(),
-    ).run()
+    plan = _LogitPlan("lse_grad", x, groups, temperature, input_precision, bytes_per_split=n * d * 4)
+    out_m = _utils.empty((plan.splits, n), torch.float32, x.device)
+    out_l = _utils.empty((plan.splits, n), torch.float32, x.device)
+    acc = _utils.empty((plan.splits, n, d), torch.float32, x.device)
+    plan.run(_lse_grad_kernel, dict(X=x, Y=y, NORM_X=norm_x, NORM_Y=norm_y, OUT_M=out_m, OUT_L=out_l, ACC=acc))
     lse, weights = _merge_splits(out_m, out_l)
     return lse, acc, weights
 
@@ -581,13 +556,10 @@ def _grad_partials(
 ) -> Tensor:
     """(splits, M, D) fp32 partial sums whose sum is sum_j G_ij k_j; a missing LSE drops its term."""
     n, d = x.shape
-    tiles, grid, blocks_per_split = _split_grid("grad", x, groups, bytes_per_split=n * d * 4)
-    precision, upcast = _utils.dot_settings(x.dtype, input_precision)
-    acc = _utils.empty((grid[2], n, d), torch.float32, x.device)
-    Launch(
-        "nt_xent.grad",
+    plan = _LogitPlan("grad", x, groups, temperature, input_precision, bytes_per_split=n * d * 4)
+    acc = _utils.empty((plan.splits, n, d), torch.float32, x.device)
+    plan.run(
         _grad_kernel,
-        grid,
         dict(
             X=x,
             Y=y,
@@ -596,20 +568,11 @@ def _grad_partials(
             LSE_X=norm_x if lse_x is None else lse_x,  # dummies when absent
             LSE_Y=norm_y if lse_y is None else lse_y,
             ACC=acc,
-            **_geometry(n, d, groups, blocks_per_split, temperature),
             w_x=w_x,
             w_y=w_y,
         ),
-        dict(
-            HAS_LSE_X=lse_x is not None,
-            HAS_LSE_Y=lse_y is not None,
-            EPS=EPS,
-            INPUT_PRECISION=precision,
-            UPCAST=upcast,
-            **tiles.constexprs(),
-        ),
-        tiles.options(),
-    ).run()
+        dict(HAS_LSE_X=lse_x is not None, HAS_LSE_Y=lse_y is not None),
+    )
     return acc
 
 

@@ -56,6 +56,28 @@ def reference_nt_xent(proj, target, temperature, negatives, symmetric):
     return loss
 
 
+def split_keys_in_pairs_of_16_wide_blocks(monkeypatch) -> list[int]:
+    """16-wide tiles and 2 key blocks per split, as on a GPU with many SMs and few query blocks; returns the
+    split counts the launches used."""
+    splits_seen = []
+
+    def forced_splits(programs, key_blocks, device, bytes_per_split=0):
+        splits_seen.append(triton.cdiv(key_blocks, 2))
+        return splits_seen[-1]
+
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda *args: LogitTiles(16, 16, 16, 4, 1))
+    monkeypatch.setattr(nt_xent_module, "key_splits", forced_splits)
+    return splits_seen
+
+
+def use_gpu_default_tiles(monkeypatch) -> None:
+    """The tiles and the key-split plan a launch on a 132-SM GPU would use (not the interpreter's)."""
+    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda kernel, g, d, dt, dev: default_tiles(kernel, g, d, dt))
+    monkeypatch.setattr(
+        nt_xent_module, "key_splits", lambda programs, blocks, device, nbytes=0: plan_key_splits(programs, blocks, 132)
+    )
+
+
 def make_inputs(shape, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     proj = torch.randn(shape, generator=gen, device="cpu").to(DEVICE, dtype).requires_grad_()
@@ -131,15 +153,7 @@ def test_key_splits(monkeypatch, negatives, symmetric, dtype):
     # Keys split as on a GPU with many SMs and few query blocks: the forward merges partial max/sum, the
     # backward sums per-split partial gradients. 16-wide tiles over 74 rows (5 key blocks; 3 per
     # position group of 37) with 2 blocks per split leave a ragged last split.
-    splits_seen = []
-
-    def forced_splits(programs, key_blocks, device, bytes_per_split=0):
-        splits = triton.cdiv(key_blocks, 2)
-        splits_seen.append(splits)
-        return splits
-
-    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda *args: LogitTiles(16, 16, 16, 4, 1))
-    monkeypatch.setattr(nt_xent_module, "key_splits", forced_splits)
+    splits_seen = split_keys_in_pairs_of_16_wide_blocks(monkeypatch)
     check_against_reference((37, 2, 40), dtype, 0.1, negatives, symmetric)
     assert max(splits_seen) >= 2
 
@@ -148,10 +162,7 @@ def test_key_splits(monkeypatch, negatives, symmetric, dtype):
 def test_gpu_default_tiles(monkeypatch, dtype):
     # The tiles a GPU launch would use (not the interpreter's), including a split plan for 132 SMs:
     # 150 rows of D = 200 leave ragged tiles in every dimension at 128/64-row tiles and 64/32-wide chunks.
-    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda kernel, g, d, dt, dev: default_tiles(kernel, g, d, dt))
-    monkeypatch.setattr(
-        nt_xent_module, "key_splits", lambda programs, blocks, device, nbytes=0: plan_key_splits(programs, blocks, 132)
-    )
+    use_gpu_default_tiles(monkeypatch)
     check_against_reference((3, 50, 200), dtype, 0.1, "batch", True)
 
 
@@ -236,24 +247,14 @@ def test_one_pass_single_token():
 def test_one_pass_small_tiles_and_key_splits(monkeypatch, negatives, dtype):
     # 16-wide tiles (several key blocks per split: the online rescaling) and forced ragged key splits (the
     # merge weights every split's partial sum by 2^(m_s - m) / L).
-    splits_seen = []
-
-    def forced_splits(programs, key_blocks, device, bytes_per_split=0):
-        splits_seen.append(triton.cdiv(key_blocks, 2))
-        return splits_seen[-1]
-
-    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda *args: LogitTiles(16, 16, 16, 4, 1))
-    monkeypatch.setattr(nt_xent_module, "key_splits", forced_splits)
+    splits_seen = split_keys_in_pairs_of_16_wide_blocks(monkeypatch)
     check_one_pass((37, 2, 40), dtype, 0.05, negatives)
     assert max(splits_seen) >= 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_pass_gpu_default_tiles(monkeypatch, dtype):
-    monkeypatch.setattr(nt_xent_module, "logit_tiles", lambda kernel, g, d, dt, dev: default_tiles(kernel, g, d, dt))
-    monkeypatch.setattr(
-        nt_xent_module, "key_splits", lambda programs, blocks, device, nbytes=0: plan_key_splits(programs, blocks, 132)
-    )
+    use_gpu_default_tiles(monkeypatch)
     check_one_pass((3, 50, 200), dtype, 0.1, "batch")
 
 
