@@ -307,12 +307,14 @@ class Trainer:
             self.log(f"DeepSpeed config (generated + merged): {path}")
 
     def _kernel_tiles(self, phase: Phase) -> str:
-        """' (<tile source>)' when this phase runs the Triton NT-Xent kernels, else ''."""
+        """' (<form>; <tile source>)' when this phase runs the Triton NT-Xent kernels, else ''."""
         if not (phase.aligns and self.alignment.objective == "nt_xent" and self.alignment.backend == "triton"):
             return ""
         from erw_fast.kernels.tiles import describe_tiles
 
-        return f" ({describe_tiles(self.device)})"
+        # The teacher's features are frozen: the one-sided loss takes the kernels' one-pass form.
+        form = "two passes (symmetric)" if self.alignment.symmetric else "one pass, frozen teacher"
+        return f" ({form}; {describe_tiles(self.device)})"
 
     # --------------------------------------------------------------------------------------- checkpoints
 

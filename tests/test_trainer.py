@@ -427,13 +427,13 @@ def test_the_training_step_never_syncs_with_the_host_on_cuda(tmp_path, monkeypat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny run is on the CPU: the interpreted kernels")
 def test_nt_xent_run_on_the_triton_kernels_matches_torch(tmp_path, capsys):
-    # The fused kernels (interpreter) and the PyTorch reference in the same short ERW run: same losses, and the
-    # log says where the kernels' tiles come from.
+    # The fused kernels (interpreter; the frozen teacher takes their one-pass form) and the PyTorch reference in
+    # the same short ERW run: same losses, and the log says which form runs and where its tiles come from.
     extra = ["alignment.objective=nt_xent", "train.total_steps=8", "erw.warmup_steps=4", "checkpoint.every=100"]
     run(tiny_config(tmp_path, "torch", *extra))
     capsys.readouterr()
     run(tiny_config(tmp_path, "triton", *extra, "alignment.backend=triton"))
-    assert "alignment nt_xent/triton (interpreter tiles)" in capsys.readouterr().out
+    assert "alignment nt_xent/triton (one pass, frozen teacher; interpreter tiles)" in capsys.readouterr().out
     reference, fused = read(tmp_path / "torch"), read(tmp_path / "triton")
     for r, f in zip(reference, fused, strict=True):
         assert f["loss_align"] == pytest.approx(r["loss_align"], rel=1e-4, abs=1e-5), r["step"]
