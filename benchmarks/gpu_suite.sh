@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_suite.sh train     # #7: erw-bench train (eager / regional compile / reference step),
 #                                          #     a profiled step, and the cost report with measured seconds
 #   bash benchmarks/gpu_suite.sh attention # #7: the full step with each SDPA kernel pinned (256 tokens, head dim 72)
+#   bash benchmarks/gpu_suite.sh ntxent    # #4/#7: ERW steps with the NT-Xent objective, Triton (one pass for
+#                                          #     the frozen teacher) vs the PyTorch backend
 #   bash benchmarks/gpu_suite.sh engines   # #6: single-GPU step time, DDP engine vs DeepSpeed ZeRO-0/1/2
 #   bash benchmarks/gpu_suite.sh tests     # the CUDA-only tests (no host sync in the step, GPU bench, checkpoints)
 #   bash benchmarks/gpu_suite.sh tune      # #4: measure candidate NT-Xent tiles; winners -> $DEST/tuned_tiles.json
@@ -36,6 +38,12 @@ case "${1:-}" in
     timeout 540 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases full --steps 10 --warmup 3 \
       --attn-backend sdpa sdpa_flash sdpa_efficient sdpa_cudnn math --out "$DEST" --name train_attention
     ;;
+  ntxent)
+    for backend in triton torch; do
+      timeout 260 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases warmup,full --steps 10 \
+        --warmup 3 --objective nt_xent --alignment-backend "$backend" --out "$DEST" --name "train_ntxent_$backend"
+    done
+    ;;
   engines)
     timeout 540 "$PY" benchmarks/bench_engines.py --model SiT-XL/2 --batch 32 --precision bf16 --out "$DEST" \
       --tag engines_gpu --scratch /tmp/bench_engines
@@ -53,7 +61,7 @@ case "${1:-}" in
       --dtype bf16 --d 768 1024 --rows 8192 --position-batches 32 256
     ;;
   *)
-    echo "usage: $0 kernels|train|attention|engines|tests|tune" >&2
+    echo "usage: $0 kernels|train|attention|ntxent|engines|tests|tune" >&2
     exit 2
     ;;
 esac
