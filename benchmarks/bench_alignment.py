@@ -55,8 +55,9 @@ FLOP_FORMULAS = {
     "fwd": "2*M*M*D  (logits q @ k^T; normalisation, exp and reductions not counted)",
     "bwd": "4*M*M*D  (dq = G @ k and dk = G^T @ q, G = softmax - I)",
     "fwd_bwd": "6*M*M*D",
-    "frozen target (*/frozen rows)": "fwd 2*M*M*D, bwd 2*M*M*D (dq only), fwd_bwd 4*M*M*D; the Triton op "
-    "computes dq during the forward (one pass), so its fwd time holds the gradient and its bwd only scales it",
+    "frozen target (*/frozen rows)": "fwd 2*M*M*D, bwd 2*M*M*D (dq only), fwd_bwd 4*M*M*D",
+    "note": "with grad enabled the Triton op computes dq during the forward (one pass): its fwd time includes "
+    "the dq work, and its bwd only scales dq (plus the dk pass when the target trains)",
 }
 # Cosine alignment is memory-bound: count the compulsory HBM traffic instead (elem = bytes per element).
 BYTE_FORMULAS = {

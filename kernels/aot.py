@@ -206,11 +206,12 @@ def alignment_launches(batch: int, tokens: int, d: int, dtype: torch.dtype, sm_c
     """Every launch of a training step's alignment losses at (batch, tokens, d), in order.
 
     NT-Xent with batch negatives, symmetric, gradients for both inputs (all kernels and both sides);
-    NT-Xent with position negatives (the grouped layout); the one-pass form for a frozen target (REPA/ERW
-    training) with each negative set; the cosine loss forward and backward.
+    NT-Xent with position negatives (the grouped layout); the one-pass form of the one-sided loss (training)
+    with each negative set, and the key-side pass its backward adds for a target that needs a gradient; the
+    cosine loss forward and backward.
     """
     from .cosine import cosine_align_bwd, cosine_align_fwd
-    from .nt_xent import nt_xent_bwd, nt_xent_frozen_target, nt_xent_fwd
+    from .nt_xent import nt_xent_bwd, nt_xent_fwd, nt_xent_one_pass
 
     proj = torch.zeros(batch, tokens, d, dtype=dtype)
     target = torch.zeros(batch, tokens, d, dtype=dtype)
@@ -223,7 +224,9 @@ def alignment_launches(batch: int, tokens: int, d: int, dtype: torch.dtype, sm_c
                 one, proj, target, lse_row, lse_col, norm_p, norm_t, 0.1, position, symmetric, precision, True, True
             )
         for position in (False, True):
-            nt_xent_frozen_target(proj, target, 0.1, position, precision)
+            _, _, lse_row, norm_p, norm_t = nt_xent_one_pass(proj, target, 0.1, position, precision)
+            nt_xent_bwd(one, proj, target, lse_row, lse_row[:0], norm_p, norm_t, 0.1, position, False, precision,
+                        False, True)
         _, norm_p, norm_t, cos = cosine_align_fwd(proj, target)
         cosine_align_bwd(one, proj, target, norm_p, norm_t, cos)
     return launches

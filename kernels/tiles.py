@@ -27,7 +27,7 @@ import triton
 
 from . import _utils
 
-KERNELS = ("lse", "grad", "lse_grad")  # forward, backward, one-pass forward+gradient (frozen target)
+KERNELS = ("lse", "grad", "lse_grad")  # forward, backward, one-pass forward + d proj
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 # Tables are keyed by group size rounded up to a power of two and capped here: beyond it every group
 # is many tiles long and the best tile no longer depends on the size.

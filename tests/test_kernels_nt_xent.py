@@ -198,33 +198,40 @@ def test_gradient_for_one_input_only(frozen):
         assert_close(target.grad, target64.grad, 1e-5, "d target")
 
 
-# ---- the one-pass path: frozen target, one-sided loss (REPA/ERW training) ---------------------------------
+# ---- the one-pass path: the one-sided loss with d proj (training); REPA/ERW's target is frozen ------------
 
 
-def check_one_pass(shape, dtype, temperature, negatives, seed=0, atol=1e-12):
-    """The frozen-target path against float64, and proof that it ran (and the two-pass ops did not)."""
+def check_one_pass(shape, dtype, temperature, negatives, seed=0, atol=1e-12, target_grad=False):
+    """The one-pass path against float64, and proof that it ran (and the two-pass forward did not)."""
     calls = []
-    real_one_pass, real_fwd = nt_xent_module.nt_xent_frozen_target, nt_xent_module.nt_xent_fwd
+    real_one_pass, real_fwd = nt_xent_module.nt_xent_one_pass, nt_xent_module.nt_xent_fwd
     proj, target = make_inputs(shape, dtype, seed)
-    target.requires_grad_(False)
+    target.requires_grad_(target_grad)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nt_xent_module, "nt_xent_frozen_target", lambda *a: calls.append("one pass") or real_one_pass(*a))
+        patch.setattr(nt_xent_module, "nt_xent_one_pass", lambda *a: calls.append("one pass") or real_one_pass(*a))
         patch.setattr(nt_xent_module, "nt_xent_fwd", lambda *a: calls.append("two pass") or real_fwd(*a))
         loss = nt_xent_triton(proj, target, temperature, negatives, input_precision="ieee")
     assert calls == ["one pass"]
     (3.0 * loss).backward()  # an upstream gradient other than 1 reaches the saved gradient
     proj64 = proj.detach().double().requires_grad_()
-    ref = reference_nt_xent(proj64, target.double(), temperature, negatives, False)
+    target64 = target.detach().double().requires_grad_(target_grad)
+    ref = reference_nt_xent(proj64, target64, temperature, negatives, False)
     (3.0 * ref).backward()
-    assert loss.dtype == torch.float32 and proj.grad.dtype == dtype and target.grad is None
+    assert loss.dtype == torch.float32 and proj.grad.dtype == dtype
     assert_close(loss, ref, REL_TOL[dtype], "loss", atol)
     assert_close(proj.grad, proj64.grad, REL_TOL[dtype], "d proj", atol)
+    if target_grad:
+        assert target.grad.dtype == dtype
+        assert_close(target.grad, target64.grad, REL_TOL[dtype], "d target", atol)
+    else:
+        assert target.grad is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("negatives", ["batch", "position"])
-def test_one_pass_matches_reference(dtype, negatives):
-    check_one_pass((5, 14, 48), dtype, 0.1, negatives)
+@pytest.mark.parametrize("target_grad", [False, True], ids=["frozen", "trained"])
+def test_one_pass_matches_reference(dtype, negatives, target_grad):
+    check_one_pass((5, 14, 48), dtype, 0.1, negatives, target_grad=target_grad)
 
 
 @pytest.mark.parametrize("d", [768, 1536])
@@ -248,42 +255,43 @@ def test_one_pass_small_tiles_and_key_splits(monkeypatch, negatives, dtype):
     # 16-wide tiles (several key blocks per split: the online rescaling) and forced ragged key splits (the
     # merge weights every split's partial sum by 2^(m_s - m) / L).
     splits_seen = split_keys_in_pairs_of_16_wide_blocks(monkeypatch)
-    check_one_pass((37, 2, 40), dtype, 0.05, negatives)
+    check_one_pass((37, 2, 40), dtype, 0.05, negatives, target_grad=True)
     assert max(splits_seen) >= 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_pass_gpu_default_tiles(monkeypatch, dtype):
     use_gpu_default_tiles(monkeypatch)
-    check_one_pass((3, 50, 200), dtype, 0.1, "batch")
+    check_one_pass((3, 50, 200), dtype, 0.1, "batch", target_grad=True)
 
 
 def test_one_pass_only_where_it_applies():
-    # Symmetric, a target that needs a gradient, or no autograd at all: the two-pass ops (which give the same
-    # loss); with a frozen target and the one-sided loss, the same loss and d proj as the two-pass ops.
+    # Symmetric, only the target needing a gradient, or no autograd at all: the two-pass ops. One-sided with
+    # d proj (target frozen or not): the one-pass op, with the same loss and gradients as the two-pass ops.
     proj, target = make_inputs((3, 7, 32), torch.float32)
     seen = []
-    real = nt_xent_module.nt_xent_frozen_target
+    real = nt_xent_module.nt_xent_one_pass
 
     def spy(*args):
         seen.append(True)
         return real(*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nt_xent_module, "nt_xent_frozen_target", spy)
-        nt_xent_triton(proj, target.detach(), 0.2, "batch", True, input_precision="ieee")
-        nt_xent_triton(proj, target, 0.2, "batch", False, input_precision="ieee")
+        patch.setattr(nt_xent_module, "nt_xent_one_pass", spy)
+        nt_xent_triton(proj, target, 0.2, "batch", True, input_precision="ieee")
+        nt_xent_triton(proj.detach(), target, 0.2, "batch", False, input_precision="ieee")
         with torch.no_grad():
-            nt_xent_triton(proj, target.detach(), 0.2, "batch", False, input_precision="ieee")
+            nt_xent_triton(proj, target, 0.2, "batch", False, input_precision="ieee")
         assert seen == []
-        one = nt_xent_triton(proj, target.detach(), 0.2, "batch", False, input_precision="ieee")
+        one = nt_xent_triton(proj, target, 0.2, "batch", False, input_precision="ieee")
         assert seen == [True]
-    (grad_one,) = torch.autograd.grad(one, proj)
+    grad_one = torch.autograd.grad(one, (proj, target))
     loss, *stats = nt_xent_fwd(proj.detach(), target.detach(), 0.2, False, False, "ieee")
-    grad_two, _ = nt_xent_bwd(torch.tensor(1.0), proj.detach(), target.detach(), *stats, 0.2, False, False, "ieee",
-                              True, False)
+    grad_two = nt_xent_bwd(torch.tensor(1.0), proj.detach(), target.detach(), *stats, 0.2, False, False, "ieee",
+                           True, True)
     assert_close(one, loss, 1e-6, "loss")
-    assert_close(grad_one, grad_two, 1e-5, "d proj")
+    assert_close(grad_one[0], grad_two[0], 1e-5, "d proj")
+    assert_close(grad_one[1], grad_two[1], 1e-5, "d target")
 
 
 def test_mixed_and_fp64_inputs_get_grads_in_their_dtype():
@@ -390,8 +398,8 @@ def test_opcheck(position):
     proj, target = make_inputs((2, 5, 32), torch.float32)
     torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, True, "ieee"))
     torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, False, "ieee"))
-    frozen = target.detach()
-    torch.library.opcheck(nt_xent_module.nt_xent_frozen_target, (proj, frozen, 0.1, position, "ieee"))
+    torch.library.opcheck(nt_xent_module.nt_xent_one_pass, (proj, target.detach(), 0.1, position, "ieee"))
+    torch.library.opcheck(nt_xent_module.nt_xent_one_pass, (proj, target, 0.1, position, "ieee"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
