@@ -57,8 +57,12 @@ case "${1:-}" in
       tests/test_objectives.py 2>&1 | tee "$DEST/gpu_tests.log"
     ;;
   tune)
+    # Extra arguments go to the tuner (e.g. `tune --kernels lse_grad` when one call cannot fit all three
+    # kernels). Winners merge into a copy of the committed table, so the calls accumulate once each returned
+    # table is copied to kernels/tuned_tiles.json.
+    if [ -f kernels/tuned_tiles.json ]; then cp kernels/tuned_tiles.json "$DEST/tuned_tiles.json"; fi
     timeout 540 "$PY" benchmarks/tune_alignment_kernels.py --out "$DEST" --table "$DEST/tuned_tiles.json" \
-      --dtype bf16 --d 768 1024 --rows 8192 --position-batches 32 256
+      --dtype bf16 --d 768 1024 --rows 8192 --position-batches 32 256 "${@:2}"
     ;;
   *)
     echo "usage: $0 kernels|train|attention|ntxent|engines|tests|tune" >&2
