@@ -115,6 +115,42 @@ def test_trainer_checkpoint_sde_raw_balanced_labels_are_flagged(demo_run, tmp_pa
         assert np.array_equal(f["arr_1"], np.arange(16) % 8)
 
 
+class Preempted(Exception):
+    pass
+
+
+def test_an_interrupted_sampling_run_resumes_to_the_same_samples(demo_run, tmp_path, monkeypatch, capsys):
+    # SDE with uniform labels: every batch draws noise and labels from the rank's generator, so the resumed run
+    # only matches if the generator state of the last finished batch comes back.
+    import erw_fast.sampling as sampling
+
+    _, ckpt = demo_run
+    args = ["--mode", "sde", "--vae", "toy"]
+    assert sample.main(_sample_args(ckpt, tmp_path / "whole", *args)) == 0
+    real, calls = sampling.euler_maruyama_sampler, []
+
+    def preempted_in_batch_2(*a, **kw):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise Preempted()
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sampling, "euler_maruyama_sampler", preempted_in_batch_2)
+        with pytest.raises(Preempted):
+            sample.main(_sample_args(ckpt, tmp_path / "cut", *args))
+    assert sample.main(_sample_args(ckpt, tmp_path / "cut", *args, "--num-steps", "5")) == 2  # other settings
+    assert "'num_steps': 4} there, {'num_steps': 5} now" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setattr(sampling, "euler_maruyama_sampler", lambda *a, **kw: calls.append(-1) or real(*a, **kw))
+        assert sample.main(_sample_args(ckpt, tmp_path / "cut", *args)) == 0
+    assert calls == [0, 1, -1, -1]  # batches 2 and 3 of 3 were drawn again, batch 1 was not
+    assert "resuming at batch 2/3" in capsys.readouterr().err
+    with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "cut" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert not (tmp_path / "cut" / ".parts").exists()
+
+
 def test_bad_inputs_give_clear_errors(demo_run, tmp_path, capsys):
     config, ckpt = demo_run
     assert sample.main(_sample_args(tmp_path / "missing.pt", tmp_path / "o")) == 2

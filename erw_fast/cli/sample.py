@@ -3,6 +3,10 @@
 Works under ``torchrun``: rank r draws global samples r, r + W, r + 2W, … (W = world size) from its own seed
 ``seed · W + r`` (REPA generate.py), writes its share to ``out_dir/.parts``, and rank 0 interleaves the shares
 into ``samples.npz`` (``arr_0`` uint8 NHWC, the first N; ``arr_1`` their labels) and ``protocol.json``.
+
+Resumable: every batch lands in ``.parts`` with the rank's generator state, so rerunning the same command after
+an interruption (a preempted 50K-sample FID run) continues from the last finished batch and writes the same
+samples as an uninterrupted run. A rerun with different settings is refused, naming them.
 """
 
 from __future__ import annotations
@@ -94,6 +98,58 @@ def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _sampling_settings(args: argparse.Namespace, loaded: Any, world: int, vae: str, image_size: int,
+                       path_type: str) -> dict[str, Any]:
+    """Everything that decides which images a rank draws: a resumed run must match it exactly."""
+    return {"checkpoint": str(loaded.checkpoint), "checkpoint_step": loaded.step, "weights": loaded.weights,
+            "num_samples": args.num_samples, "batch_size": args.batch_size, "world_size": world, "seed": args.seed,
+            "mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun), "cfg_scale": args.cfg_scale,
+            "guidance_low": args.guidance_low, "guidance_high": args.guidance_high, "path_type": path_type,
+            "vae": vae, "image_size": image_size, "balanced_labels": bool(args.balanced_labels),
+            "precision": args.precision, "tf32": bool(args.tf32), "compile": bool(args.compile)}
+
+
+class _RankProgress:
+    """This rank's finished batches in ``.parts``: one ``.npz`` each, and (written after it) the count and the
+    generator state that the next batch starts from."""
+
+    def __init__(self, parts: Path, rank: int, settings: dict[str, Any]) -> None:
+        self.parts, self.rank, self.settings = parts, rank, settings
+        self.state_file = parts / f"rank{rank:05d}.pt"
+
+    def chunk(self, rank: int, iteration: int) -> Path:
+        return self.parts / f"rank{rank:05d}_{iteration:06d}.npz"
+
+    def resume(self, generator: torch.Generator) -> int:
+        """The number of batches already done (0 for a fresh start); restores the generator to follow them."""
+        if not self.state_file.is_file():
+            return 0
+        state = torch.load(self.state_file, weights_only=True)
+        changed = sorted(k for k in self.settings.keys() | state["settings"].keys()
+                         if self.settings.get(k) != state["settings"].get(k))
+        if changed:
+            was = {k: state["settings"].get(k) for k in changed}
+            now = {k: self.settings.get(k) for k in changed}
+            raise ValueError(f"{self.parts} holds an interrupted run with other settings ({was} there, {now} now); "
+                             "rerun with those settings to finish it, or delete the folder to start over")
+        generator.set_state(state["generator"])
+        return int(state["done"])
+
+    def save(self, iteration: int, images: np.ndarray, labels: np.ndarray, generator: torch.Generator) -> None:
+        _write_npz(self.chunk(self.rank, iteration), images, labels)
+        tmp = self.state_file.with_name(f".tmp-{self.state_file.name}")
+        torch.save({"settings": self.settings, "done": iteration + 1, "generator": generator.get_state()}, tmp)
+        os.replace(tmp, self.state_file)  # the count moves on only once the batch is on disk
+
+    def load(self, rank: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for it in range(iterations):
+            with np.load(self.chunk(rank, it)) as f:
+                images.append(f["arr_0"])
+                labels.append(f["arr_1"])
+        return np.concatenate(images), np.concatenate(labels)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from erw_fast.cli.loading import load_sit_checkpoint
     from erw_fast.codecs import build_codec, resolve_codec_name
@@ -129,9 +185,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     iterations = math.ceil(args.num_samples / (n * world))
     generator = torch.Generator(device=env.device).manual_seed(args.seed * world + rank)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images, labels = [], []
-    for it in range(iterations):
+    parts = out_dir / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    progress = _RankProgress(parts, rank, _sampling_settings(args, loaded, world, vae, image_size, path_type))
+    start = progress.resume(generator)
+    if start and rank == 0:
+        print(f"resuming at batch {start + 1}/{iterations} (earlier batches are in {parts})", file=sys.stderr)
+    for it in range(start, iterations):
         local = torch.arange(it * n, (it + 1) * n)
         global_idx = local * world + rank
         z = torch.randn(n, model.in_channels, latent, latent, generator=generator, device=env.device)
@@ -147,26 +207,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.png:
             keep = global_idx.numpy() < args.num_samples
             _save_png(batch[keep], global_idx.numpy()[keep], out_dir / "png")
-        images.append(batch)
-        labels.append(y.cpu().numpy())
+        progress.save(it, batch, y.cpu().numpy(), generator)
         if rank == 0:
             print(f"batch {it + 1}/{iterations}: {n * world} images", file=sys.stderr, flush=True)
-    own_images, own_labels = np.concatenate(images), np.concatenate(labels)
 
-    parts = out_dir / ".parts"
     if world > 1:
-        parts.mkdir(exist_ok=True)
-        np.save(parts / f"images_{rank:05d}.npy", own_images)
-        np.save(parts / f"labels_{rank:05d}.npy", own_labels)
-        dist.barrier()
+        dist.barrier()  # every rank's batches are on disk
     protocol: dict[str, Any] = {}
     if rank == 0:
+        shares = [progress.load(r, iterations) for r in range(world)]
         total = iterations * n * world
-        all_images = np.empty((total, *own_images.shape[1:]), dtype=np.uint8)
+        all_images = np.empty((total, *shares[0][0].shape[1:]), dtype=np.uint8)
         all_labels = np.empty(total, dtype=np.int64)
-        for r in range(world):  # global index = local index · W + r
-            all_images[r::world] = own_images if r == 0 else np.load(parts / f"images_{r:05d}.npy")
-            all_labels[r::world] = own_labels if r == 0 else np.load(parts / f"labels_{r:05d}.npy")
+        for r, (own_images, own_labels) in enumerate(shares):  # global index = local index · W + r
+            all_images[r::world] = own_images
+            all_labels[r::world] = own_labels
         _write_npz(out_dir / SAMPLES_FILE, all_images[: args.num_samples], all_labels[: args.num_samples])
         protocol = {
             "format": "erw_fast.sample_protocol/1",
