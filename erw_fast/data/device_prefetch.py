@@ -110,6 +110,11 @@ class DevicePrefetcher(TrainLoader):
         self.skipped = self._stager.skipped
         return batch
 
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The side stream batches are staged on (None on a CPU device)."""
+        return self._stager.stream
+
     def close(self) -> None:
         self._stager.drop()
         self.loader.close()
@@ -117,6 +122,6 @@ class DevicePrefetcher(TrainLoader):
 
 def describe_device_prefetch(loader: TrainLoader) -> str:
     if isinstance(loader, DevicePrefetcher):
-        where = "a side CUDA stream" if loader._stager.stream is not None else "the host (no CUDA stream)"
+        where = "a side CUDA stream" if loader.stream is not None else "the host (no CUDA stream)"
         return f"device prefetch: next batch staged on {where}"
     return "device prefetch: off"
