@@ -8,6 +8,7 @@ Phase-1 weights are transferred automatically and the Phase-1 optimizer state is
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -719,9 +720,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config error: {error}", file=sys.stderr)
         return 2
     if dist.is_initialized():
-        # Every rank (rank 0's final export included) is done before any tears its connections down: a rank
-        # that exits while a peer still holds an open gloo pair to it can abort in teardown (seen once in CI
-        # under load: "terminate called without an active exception" after a complete run).
+        # A rank aborted in teardown after complete runs, twice in CI under load ("terminate called without an
+        # active exception", exit -6; not reproduced in isolation). Likely cause (the mechanism described in
+        # pytorch/pytorch#179291): the model's DDP reducer holds the process group, so destroying the group
+        # alone left its gloo threads and their last work items to interpreter finalization. Release them
+        # first, then meet (rank 0's final export included) and destroy the group while the interpreter is whole.
+        del trainer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return exit_code
