@@ -37,6 +37,7 @@ from erw_fast.kernels import nt_xent, tiles  # noqa: E402
 from erw_fast.kernels.cosine import row_stats  # noqa: E402
 from erw_fast.kernels.tiles import LogitTiles  # noqa: E402
 
+from erw_fast.atomic import atomic_write_text  # noqa: E402
 from erw_fast.bench.common import time_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -135,10 +136,7 @@ def merge_table(path: Path, device_name: str, entries: dict[str, str], versions:
     device = data["devices"].setdefault(device_name, {"tiles": {}})
     device["tiles"].update(entries)
     device["measured_with"] = versions
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def markdown(records: Sequence[dict], best: dict[str, str]) -> str:

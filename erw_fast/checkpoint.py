@@ -1,10 +1,10 @@
 """Checkpoint I/O for the trainer: atomic saves, safe loads, retention, RNG state and reference-layout export.
 
 Design rules:
-- Every file is written atomically (temp file in the same directory -> flush + fsync -> ``os.replace`` -> fsync of
-  the directory). A crash at any point leaves either the old file set or the new one, never a torn checkpoint.
-  Temp files start with ``.tmp-`` so readers never mistake them for checkpoints; the next successful save in the
-  same directory removes leftovers (one writer per directory is assumed, i.e. rank 0 only).
+- Every file is written by ``erw_fast.atomic`` (temp file in the same directory -> flush + fsync ->
+  ``os.replace`` -> fsync of the directory). A crash at any point leaves either the old file set or the new one,
+  never a torn checkpoint. Temp files start with ``.tmp-`` so readers never mistake them for checkpoints; the next
+  successful save in the same directory removes leftovers (one writer per directory is assumed, i.e. rank 0 only).
 - Checkpoints hold plain data only, so they always load with ``torch.load(weights_only=True)`` (no arbitrary code
   runs on load, and files stay readable when this package's classes change). ``save_checkpoint`` rejects anything
   else *before* writing, naming the offending key path, instead of producing a file that cannot be resumed from.
@@ -15,11 +15,11 @@ Design rules:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import random
 import re
-import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from erw_fast.atomic import TMP_PREFIX, atomic_write, remove_temp_files
 
 __all__ = [
     "CHECKPOINT_SUBDIR",
@@ -48,7 +50,6 @@ __all__ = [
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _UNTAGGED = "step"  # file stem prefix of rotated checkpoints
-_TMP_PREFIX = ".tmp-"
 # `{tag}_{step}.pt`; the tag may itself contain underscores (the greedy group backs off to the last `_digits`).
 _NAME_RE = re.compile(r"^(?P<tag>[A-Za-z0-9][A-Za-z0-9_.-]*)_(?P<step>\d+)\.pt$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -121,51 +122,10 @@ def _validate_plain(obj: Any, root: str = "state") -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; POSIX only (Windows cannot open directories, and its rename is durable).
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def _clean_temp_files(directory: Path) -> None:
-    for p in directory.glob(f"{_TMP_PREFIX}*"):
-        if p.is_file():
-            _remove_quietly(p)
-
-
 def _atomic_write(final: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write `final` via a same-directory temp file, so readers only ever see complete files."""
-    final = Path(final)
-    directory = final.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{_TMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    # os.open with O_EXCL instead of mkstemp: mkstemp forces mode 0600, this honours the umask like a normal file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename publishes it
-        os.replace(tmp, final)
-    except BaseException:
-        # An exception (disk full, Ctrl-C) must not leave a multi-GB temp behind; a hard kill still can, which the
-        # next save cleans up. The previous `final`, if any, was never touched.
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(directory)
-    _clean_temp_files(directory)
+    """`atomic_write`, then the temp files of earlier killed saves go (one writer per checkpoint directory)."""
+    final = atomic_write(final, write)
+    remove_temp_files(final.parent)
     return final
 
 
@@ -185,7 +145,7 @@ def _checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 def _parse_name(path: Path) -> tuple[int, str | None] | None:
     """(step, tag) for a finished checkpoint file name, tag None for rotated `step_*` files; None otherwise."""
-    if path.name.startswith(_TMP_PREFIX):
+    if path.name.startswith(TMP_PREFIX):
         return None
     m = _NAME_RE.match(path.name)
     if m is None:
@@ -236,7 +196,8 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int 
     untagged = [p for p, _, t in _scan(run_dir) if t is None and p != final]
     # `final` occupies one of the keep_last slots.
     for p in untagged[: max(len(untagged) - (keep_last - 1), 0)]:
-        _remove_quietly(p)
+        with contextlib.suppress(OSError):  # a file that cannot go now goes with a later save
+            p.unlink()
     return final
 
 

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from erw_fast.atomic import atomic_write, atomic_write_text
 from erw_fast.cli import run_cli
 
 SAMPLES_FILE = "samples.npz"
@@ -92,10 +92,8 @@ def _save_png(images: np.ndarray, indices: np.ndarray, folder: Path) -> None:
 
 
 def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:  # a file object keeps np.savez from appending a second ".npz"
-        np.savez(f, arr_0=images, arr_1=labels)
-    os.replace(tmp, path)
+    # A file object keeps np.savez from appending a second ".npz".
+    atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
 
 
 def _sampling_settings(args: argparse.Namespace, loaded: Any, world: int, vae: str, image_size: int,
@@ -137,9 +135,8 @@ class _RankProgress:
 
     def save(self, iteration: int, images: np.ndarray, labels: np.ndarray, generator: torch.Generator) -> None:
         _write_npz(self.chunk(self.rank, iteration), images, labels)
-        tmp = self.state_file.with_name(f".tmp-{self.state_file.name}")
-        torch.save({"settings": self.settings, "done": iteration + 1, "generator": generator.get_state()}, tmp)
-        os.replace(tmp, self.state_file)  # the count moves on only once the batch is on disk
+        state = {"settings": self.settings, "done": iteration + 1, "generator": generator.get_state()}
+        atomic_write(self.state_file, lambda f: torch.save(state, f))  # the count moves on once the batch is on disk
 
     def load(self, rank: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
@@ -251,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.balanced_labels:
             protocol["note"] = "balanced labels differ from the reference protocol (uniform random labels)"
-        (out_dir / PROTOCOL_FILE).write_text(json.dumps(protocol, indent=2) + "\n")
+        atomic_write_text(out_dir / PROTOCOL_FILE, json.dumps(protocol, indent=2) + "\n")
         shutil.rmtree(parts, ignore_errors=True)
         print(f"wrote {out_dir / SAMPLES_FILE} ({args.num_samples} images) and {out_dir / PROTOCOL_FILE}")
     if world > 1:

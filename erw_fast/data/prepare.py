@@ -7,10 +7,10 @@ explicit options), each on its own device, without talking to the others.
 
 Resume: a shard is finished once its tar and index have been renamed into place *and* its completion record
 ``shards/shard-XXXXXX.json`` (counts, size, sha256) exists; a rerun skips finished shards and rewrites the others
-(leftover ``.tmp`` files of a killed run are overwritten). ``plan.json``, written first, pins the settings and the
-source listing: a rerun with different ones is refused instead of mixing two datasets. Whichever rank finds every
-shard finished writes ``manifest.json`` (a rerun of any rank finalises a dataset whose last rank died after its
-last shard).
+(a killed run's shard ``.tmp`` files are overwritten; its hidden ``.tmp-*`` files are never read). ``plan.json``,
+written first, pins the settings and the source listing: a rerun with different ones is refused instead of mixing
+two datasets. Whichever rank finds every shard finished writes ``manifest.json`` (a rerun of any rank finalises a
+dataset whose last rank died after its last shard).
 
 VAE batches never straddle shards, so a shard's bytes do not depend on where a previous run stopped.
 """
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from erw_fast.atomic import atomic_write_bytes
 from erw_fast.data.images import IMAGE_FORMATS, IMAGE_MEMBER, center_crop_arr, encode_image, load_rgb
 from erw_fast.data.shards import (
     MEMBER_FEATURES,
@@ -43,7 +44,6 @@ from erw_fast.data.shards import (
     Manifest,
     ShardEntry,
     ShardWriter,
-    atomic_write_bytes,
     npy_bytes,
     sample_key,
     sha256_file,

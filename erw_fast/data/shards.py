@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from erw_fast.atomic import atomic_write_bytes, fsync_file, replace_durably
 from erw_fast.data.images import IMAGE_FORMATS, IMAGE_MEMBER
 
 log = logging.getLogger(__name__)
@@ -115,26 +116,6 @@ def decode_npy(data: bytes | bytearray | memoryview, header: bytes | None = None
 
 
 # ----------------------------------------------------------------------------------------------------- files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync, rename: readers see the old file or the complete new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -209,17 +190,14 @@ class ShardWriter:
             raise ValueError(f"{self.tar_path}: a shard needs at least one sample")
         end = self._pos + 2 * _BLOCK  # end-of-archive marker: two zero blocks, then pad to a whole record
         self._write(bytes(2 * _BLOCK + (-end) % _RECORD))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        fsync_file(self._file)
         self._file.close()
         index_text = f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
         with open(self._tmp_index, "w") as f:
             f.write(index_text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._tmp_tar, self.tar_path)
-        os.replace(self._tmp_index, self.index_path)
-        fsync_dir(self.tar_path.parent)
+            fsync_file(f)
+        replace_durably(self._tmp_tar, self.tar_path)
+        replace_durably(self._tmp_index, self.index_path)
         return ShardInfo(len(self._lines), self._pos, self._sha.hexdigest())
 
     def abort(self) -> None:
