@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -47,8 +48,8 @@ def time_engine(args: argparse.Namespace, engine: str, out_dir: Path) -> dict:
     trainer = Trainer(config, log_stream=sys.stderr)  # engine.kind in the config picks the engine
     device = trainer.device
     embed_dim = 768  # DINOv2-B features, precomputed: the encoder is not what is being compared
-    trainer.encoders = []
-    trainer._z_dims = lambda: [embed_dim]  # one projector for the synthetic features, as with DINOv2-B
+    # A stand-in teacher of DINOv2-B's width: one projector, never called (the batch carries its features).
+    trainer.teacher.encoders = [SimpleNamespace(embed_dim=embed_dim)]
     phase = trainer.phases[0 if args.phase == "warmup" else 1]
     trainer._enter_phase(phase, trainer._new_model(phase))
     m = config.model
@@ -62,7 +63,7 @@ def time_engine(args: argparse.Namespace, engine: str, out_dir: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        trainer._step(phase.start + i, batch)
+        trainer.train_step(trainer.engine, phase, phase.start + i, batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erw_fast.config import DataConfig
 from erw_fast.data.images import IMAGE_MEMBER, encode_image
 from erw_fast.data.loaders import build_loader
 from erw_fast.data.shards import (
@@ -323,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             step = lambda it=it: next(it)  # noqa: E731
             closer = None
         else:
-            loader = build_loader(case["loader"].split()[0], str(root / case["dataset"]), global_batch_size=args.batch,
-                                  seed=0, image_size=SIZE, num_workers=w, loader_threads=case["threads"],
-                                  images=case["images"], features=case["features"],
-                                  dali_threads=max(1, w), verify="none", device=device)
+            data = DataConfig(kind=case["loader"].split()[0], path=str(root / case["dataset"]), image_size=SIZE,
+                              num_workers=w, loader_threads=case["threads"], features=case["features"],
+                              dali_threads=max(1, w), verify="none", device_prefetch=False)
+            loader = build_loader(data, global_batch_size=args.batch, seed=0, images=case["images"], device=device)
             step, closer = loader.next_host, loader.close
             case["decode"] = ("GPU (DALI mixed)" if device.type == "cuda" and case["loader"] == "dali" and
                               case["images"] else "CPU")

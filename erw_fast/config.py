@@ -49,6 +49,24 @@ class ModelConfig:
     patch_size: int | None = None
     mlp_ratio: float = 4.0
 
+    def sit_kwargs(self, z_dims: list[int] | tuple[int, ...] = (), attn_backend: str | None = None) -> dict[str, Any]:
+        """The SiT constructor's arguments: the named size, the overrides set here, one projector per z_dim."""
+        from erw_fast.models.sit import sit_config
+
+        named = ("depth", "hidden_size", "num_heads", "patch_size")
+        overrides = {k: getattr(self, k) for k in named if getattr(self, k)}
+        return sit_config(
+            self.name, input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
+            class_dropout_prob=self.class_dropout_prob, projector_dim=self.projector_dim, qk_norm=self.qk_norm,
+            use_rope=self.use_rope, attn_backend=attn_backend or self.attn_backend, mlp_ratio=self.mlp_ratio,
+            z_dims=list(z_dims), **overrides,
+        )
+
+    def num_tokens(self) -> int:
+        """Patch tokens per latent: (input_size / patch_size)²."""
+        patch = self.sit_kwargs()["patch_size"]
+        return (self.input_size // patch) ** 2
+
 
 @dataclass
 class EncoderConfig:

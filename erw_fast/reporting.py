@@ -194,3 +194,22 @@ def phase_summary_table(rows: list[dict]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(r) for r in body), rule, line(total)])
+
+
+def report_run(config: Any, stats: Any, world_size: int) -> list[str]:
+    """The end-of-run summary: the per-phase table, skipped steps, and the loss-curve plot (logging.plot)."""
+    from erw_fast.flops import gflops_per_step
+
+    stats = list(stats)
+    rows = [{"phase": s.name, "steps": s.steps, "images": s.images, "wall_s": s.wall_s,
+             "img_per_s": s.images / s.wall_s if s.wall_s else 0.0, "final_loss": s.final_loss,
+             "gflops_per_step": gflops_per_step(config, s.name, world_size)} for s in stats if s.steps]
+    lines = [phase_summary_table(rows)]
+    skipped = sum(s.skipped for s in stats)
+    if skipped:
+        lines.append(f"non-finite steps skipped: {skipped}")
+    if config.logging.plot:
+        png = plot_loss_curves(read_metrics(config.run_dir / "metrics.jsonl"), config.run_dir / "loss_curves.png",
+                               title=f"{config.run.name}: {config.model.name} ({config.run.mode})")
+        lines.append(f"loss curves: {png}")
+    return lines

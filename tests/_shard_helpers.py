@@ -118,3 +118,16 @@ def patch_image(root, index, corrupt):
     data[off : off + size] = new
     tar.write_bytes(bytes(data))
     return shards.manifest.shards[sid].name
+
+
+def make_loader(kind, path, **kwargs):
+    """build_loader with the data section's keys and the placement keys given together, as the tests write them."""
+    import dataclasses
+
+    from erw_fast.config import DataConfig
+    from erw_fast.data.loaders import build_loader
+
+    data_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(kind=kind, path=None if path is None else str(path),
+                      **{k: v for k, v in kwargs.items() if k in data_keys})
+    return build_loader(data, **{k: v for k, v in kwargs.items() if k not in data_keys})

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _shard_helpers import patch_image, write_dataset
+from _shard_helpers import make_loader, patch_image, write_dataset
 
-from erw_fast.data import ResumableBatchSampler, build_loader
+from erw_fast.data import ResumableBatchSampler
 from erw_fast.data.device_prefetch import DevicePrefetcher, SideStreamStager, describe_device_prefetch
 from erw_fast.data.shards import SampleError
 
@@ -20,7 +20,7 @@ BATCH = 8
 def _loader(path, device="cpu", **kw):
     args = dict(global_batch_size=BATCH, seed=7, image_size=32, num_workers=0, features=True, device=device)
     args.update(kw)
-    return build_loader("webdataset", str(path), **args)
+    return make_loader("webdataset", path, **args)
 
 
 def _corrupt_image_of(path, step, slot):

@@ -237,26 +237,28 @@ def test_step_randomness_does_not_depend_on_the_split():
 
 _NONFINITE_SCRIPT = """
 import sys, torch
+import erw_fast.phases as P
 import erw_fast.trainer as T
+from erw_fast.step import TrainStep
 from _trainer_helpers import tiny_config
-real = T.diffusion_loss
+real = P.diffusion_loss
 state = {"step": -1}
 def poisoned(*args, **kwargs):
     out = real(*args, **kwargs)
     if state["step"] == 8:
         out.loss = out.loss * float("nan")
     return out
-T.diffusion_loss = poisoned
-original = T.Trainer._step
-def step(self, step, batch):
+P.diffusion_loss = poisoned
+original = TrainStep.__call__
+def step(self, engine, phase, step, batch, *args):
     state["step"] = step
-    before = self.engine.full_model_state(), self.engine.full_ema_state()
-    totals = original(self, step, batch)
-    after = self.engine.full_model_state(), self.engine.full_ema_state()
+    before = engine.full_model_state(), engine.full_ema_state()
+    totals = original(self, engine, phase, step, batch, *args)
+    after = engine.full_model_state(), engine.full_ema_state()
     changed = any(not torch.equal(b[k], a[k]) for b, a in zip(before, after) for k in b)
     assert changed == (step != 8), (step, changed)
     return totals
-T.Trainer._step = step
+TrainStep.__call__ = step
 config = tiny_config(sys.argv[1], "nan", "engine.zero_stage=2", "train.precision=" + sys.argv[2])
 stats = T.Trainer(config, engine="deepspeed").run()
 assert stats["full"].skipped == 1, stats

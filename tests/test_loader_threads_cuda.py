@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _shard_helpers import write_dataset
-
-from erw_fast.data.loaders import build_loader
+from _shard_helpers import make_loader, write_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -18,8 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_threads_pin_their_batches_and_match_unpinned(tmp_path):
     write_dataset(tmp_path, image_format="raw")
     kwargs = dict(global_batch_size=8, seed=7, image_size=32, num_workers=0, loader_threads=2, features=True)
-    pinned = build_loader("webdataset", str(tmp_path), device="cuda", **kwargs)
-    plain = build_loader("webdataset", str(tmp_path), device="cuda", pin_memory=False, **kwargs)
+    pinned = make_loader("webdataset", tmp_path, device="cuda", **kwargs)
+    plain = make_loader("webdataset", tmp_path, device="cuda", pin_memory=False, **kwargs)
     with pinned, plain:
         for _ in range(3):
             a, b = pinned.next_host(), plain.next_host()

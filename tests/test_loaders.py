@@ -11,10 +11,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from _shard_helpers import SCALE, patch_image, write_dataset
+from _shard_helpers import SCALE, make_loader, patch_image, write_dataset
 from PIL import Image
 
-from erw_fast.data import DemoShapesDataset, ResumableBatchSampler, build_loader
+from erw_fast.data import DemoShapesDataset, ResumableBatchSampler
 from erw_fast.data.latents import flip_decision, sample_key, standard_normal, stream_words
 from erw_fast.data.shards import DataError, SampleError
 
@@ -26,7 +26,7 @@ BATCH = 8
 def _loader(kind, path, **kw):
     args = dict(global_batch_size=BATCH, seed=7, image_size=32, num_workers=0, flip=True, features=True)
     args.update(kw)
-    return build_loader(kind, str(path), **args)
+    return make_loader(kind, path, **args)
 
 
 def _take(loader, steps):
@@ -272,16 +272,16 @@ def test_label_out_of_range_and_manifest_mismatches(tmp_path):
 
 
 def test_demo_kind_follows_the_sampler():
-    loader = build_loader("demo", None, global_batch_size=4, seed=3, image_size=32, num_classes=4,
-                          latent_size=8, latent_channels=4, demo_num_samples=16, start_step=2)
+    demo = make_loader("demo", None, global_batch_size=4, seed=3, image_size=32, num_classes=4,
+                  latent_size=8, latent_channels=4, num_samples=16, start_step=2)
     ds = DemoShapesDataset(num_samples=16, num_classes=4, image_size=32, latent_size=8, seed=3)
     sampler = ResumableBatchSampler(16, 4, seed=3)
     for step in (2, 3, 4, 5):
-        b = next(loader)
+        b = next(demo)
         idx = torch.as_tensor(sampler.indices(step))
         assert torch.equal(b["images"], ds.images[idx]) and torch.equal(b["latents"], ds.latents[idx])
         assert torch.equal(b["labels"], ds.labels[idx])
-    assert loader.position()["step"] == 6
+    assert demo.position()["step"] == 6
 
 
 def test_jpeg_bytes_decode_like_pil(datasets):

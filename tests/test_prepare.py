@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _shard_helpers import make_loader as shard_loader
 from _shard_helpers import tiny_vae
 from PIL import Image
 
 from erw_fast.cli.prepare import main as prepare_main
-from erw_fast.data import build_loader
 from erw_fast.data.images import center_crop_arr, load_rgb
 from erw_fast.data.prepare import PrepareOptions, prepare, read_file_list, scan_image_folder
 from erw_fast.data.shards import DataError, Manifest, ShardSet
@@ -195,7 +195,7 @@ def test_prepare_end_to_end(folder, autoencoder_kl, tmp_path):
         torch.testing.assert_close(torch.from_numpy(got["features.npy"].astype(np.float32)), feats,
                                    rtol=2e-3, atol=2e-3)
 
-    loader = build_loader("webdataset", str(tmp_path), global_batch_size=6, seed=0, image_size=64, flip=True,
+    loader = shard_loader("webdataset", tmp_path, global_batch_size=6, seed=0, image_size=64, flip=True,
                           features=True, num_workers=0, latent_scale=0.18215, latent_size=8, latent_channels=4)
     batch = next(loader)
     assert batch["latents"].shape == (6, 4, 8, 8) and batch["images"].shape == (6, 3, 64, 64)

@@ -17,6 +17,7 @@ from _trainer_helpers import REPO, TINY, read, tiny_config
 
 from erw_fast.checkpoint import latest_checkpoint, load_checkpoint
 from erw_fast.config import ConfigError
+from erw_fast.step import TrainStep
 from erw_fast.stop_signals import StopSignals
 from erw_fast.trainer import Trainer, main
 
@@ -78,7 +79,7 @@ def test_a_stop_signal_checkpoints_at_the_next_step_and_the_rerun_continues_exac
     reference = tiny_config(tmp_path, "uninterrupted")
     Trainer(reference).run()
 
-    original, calls = Trainer._step, {"n": 0}
+    original, calls = TrainStep.__call__, {"n": 0}
 
     def step(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
@@ -88,7 +89,7 @@ def test_a_stop_signal_checkpoints_at_the_next_step_and_the_rerun_continues_exac
         return out
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_step", step)
+        patch.setattr(TrainStep, "__call__", step)
         argv = [*TINY, f"run.output_dir={tmp_path}", "run.name=stopped"]
         assert main(argv) == 128 + signal.SIGUSR1
     assert calls["n"] == 9  # no step after the signal's

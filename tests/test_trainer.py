@@ -11,8 +11,10 @@ from _trainer_helpers import TINY, launch, read, tiny_config
 import erw_fast.checkpoint as checkpoint_module
 from erw_fast.checkpoint import latest_checkpoint, load_checkpoint
 from erw_fast.config import ConfigError, load_config
+from erw_fast.encoders.teacher import load_teacher
 from erw_fast.models import SiT
 from erw_fast.objectives import ERWLambdaSchedule
+from erw_fast.step import TrainStep
 from erw_fast.trainer import NonFiniteLossError, Trainer, main
 
 
@@ -48,7 +50,7 @@ class Killed(Exception):
 
 
 def kill_after(monkeypatch, steps):
-    original = Trainer._step
+    original = TrainStep.__call__
     calls = {"n": 0}
 
     def step(self, *args, **kwargs):
@@ -57,7 +59,7 @@ def kill_after(monkeypatch, steps):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_step", step)
+    monkeypatch.setattr(TrainStep, "__call__", step)
 
 
 @pytest.mark.parametrize("kill_at", [5, 11])  # mid-warmup (last checkpoint at 4), mid-Phase-2 (at 8)
@@ -133,37 +135,36 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 def test_nonfinite_guard_skips_then_aborts(tmp_path, monkeypatch, implementation):
     """foreach: the step decides on the host; fused: found_inf on the device, no host sync in the step (the
     counters are read at logging steps). Both leave weights, optimizer state and EMA untouched on a NaN step."""
-    import erw_fast.trainer as trainer_module
+    import erw_fast.phases as phases_module
 
-    real = trainer_module.diffusion_loss
+    real = phases_module.diffusion_loss
     poisoned_steps = {8}
 
     def maybe_nan(model, latents, *args, **kwargs):
         out = real(model, latents, *args, **kwargs)
-        if trainer_module_step["now"] in poisoned_steps:
+        if current["step"] in poisoned_steps:
             out.loss = out.loss * float("nan")
         return out
 
-    trainer_module_step = {"now": -1}
-    original_step = Trainer._step
+    current = {"step": -1}
+    original_step = TrainStep.__call__
 
-    def snapshot(trainer):
-        engine = trainer.engine
+    def snapshot(engine):
         moments = [t.clone() for state in engine.optimizer.state.values() for t in state.values()]
-        return [*(v.clone() for v in trainer.model.state_dict().values()),
+        return [*(v.clone() for v in engine.module.state_dict().values()),
                 *(v.clone() for v in engine.full_ema_state().values()), *moments]
 
-    def step(self, step, indices):
-        trainer_module_step["now"] = step
-        assert self.engine.sync_free == (implementation == "fused")
-        before = snapshot(self)
-        totals = original_step(self, step, indices)
-        unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot(self), strict=True))
+    def step(self, engine, phase, step, batch, *args):
+        current["step"] = step
+        assert engine.sync_free == (implementation == "fused")
+        before = snapshot(engine)
+        totals = original_step(self, engine, phase, step, batch, *args)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot(engine), strict=True))
         assert unchanged == (step in poisoned_steps), f"step {step}: {'un' if unchanged else ''}changed"
         return totals
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", maybe_nan)
-    monkeypatch.setattr(Trainer, "_step", step)
+    monkeypatch.setattr(phases_module, "diffusion_loss", maybe_nan)
+    monkeypatch.setattr(TrainStep, "__call__", step)
     stats = run(tiny_config(tmp_path, "skip", f"optim.implementation={implementation}"))
     assert stats["full"].skipped == 1
     records = read(tmp_path / "skip")
@@ -389,12 +390,10 @@ def test_teacher_in_bf16_and_compiled(tmp_path):
     """encoder.dtype=bf16 keeps the teacher's weights in bf16; encoder.compile compiles its blocks (aot_eager here)
     and computes what eager computes."""
     base = tiny_config(tmp_path, "teacher", "train.total_steps=7", "train.precision=bf16")
-    eager = Trainer(base)
-    eager._build_encoders()
+    eager = load_teacher(base, torch.device("cpu"), base.model.num_tokens())
     other = tiny_config(tmp_path, "teacher2", "train.total_steps=7", "train.precision=bf16", "encoder.dtype=bf16",
                         "encoder.compile=true", "train.compile_backend=aot_eager")
-    compiled = Trainer(other)
-    compiled._build_encoders()
+    compiled = load_teacher(other, torch.device("cpu"), other.model.num_tokens())
     [teacher] = compiled.encoders
     assert next(teacher.model.parameters()).dtype == torch.bfloat16
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
@@ -408,17 +407,17 @@ def test_teacher_in_bf16_and_compiled(tmp_path):
 def test_the_training_step_never_syncs_with_the_host_on_cuda(tmp_path, monkeypatch):
     """bf16 + fused AdamW: the whole step (noise draw, teacher, loss, backward, clip, non-finite skip, optimizer,
     EMA) runs without a host sync; torch's sync debug mode turns any into an error."""
-    original = Trainer._step
+    original = TrainStep.__call__
 
-    def step(self, step, batch):
+    def step(self, *args):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return original(self, step, batch)
+            return original(self, *args)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(Trainer, "_step", step)
+    monkeypatch.setattr(TrainStep, "__call__", step)
     config = tiny_config(tmp_path, "cuda", "run.device=cuda", "train.precision=bf16", "optim.implementation=fused",
                          "logging.log_every=100", "train.total_steps=8", "checkpoint.every=100")
     stats = run(config)

@@ -84,11 +84,8 @@ def _checkpoint_step(path: Path, steps: int | None) -> int | None:
 
 
 def _config_kwargs(config: Config) -> dict[str, Any]:
-    m = config.model
-    kwargs = sit_config(m.name, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
-                        use_rope=m.use_rope, encoder_depth=config.alignment.encoder_depth)
-    kwargs.update({k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(m, k)})
-    return kwargs
+    # The run's model section; the state dict then fixes whatever it determines (widths, projectors, ...).
+    return {**config.model.sit_kwargs(attn_backend="sdpa"), "encoder_depth": config.alignment.encoder_depth}
 
 
 def _args_kwargs(args: dict[str, Any], model_name: str | None) -> dict[str, Any]:

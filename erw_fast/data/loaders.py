@@ -9,26 +9,8 @@ All kinds yield the same dict per step (see ``train_loader``) and take their ord
 ``ResumableBatchSampler(num_samples, global_batch_size, seed, rank, world_size)``; "webdataset" and "dali" yield
 identical batches for the same arguments.
 
-Suggested ``DataConfig`` keys (→ ``build_loader`` argument):
-    kind: demo | webdataset | dali        → kind
-    path: str | None                      → path (the directory holding manifest.json)
-    num_workers: int = 4                  → num_workers (DataLoader workers / DALI python workers)
-    loader_threads: int = 0               → loader_threads (webdataset: threads in the training process
-                                            instead of workers; cheapest per core for raw images)
-    prefetch: int = 2                     → prefetch (batches queued per worker / DALI queue depth)
-    pin_memory: bool | None = None        → pin_memory (None: when the device is CUDA)
-    device_prefetch: bool | None = None   → device_prefetch (stage the next batch on a side CUDA stream;
-                                            the trainer resolves None to "when the device is CUDA")
-    flip: bool = False                    → flip (needs a dataset prepared with --flip-moments)
-    on_error: raise | skip = raise        → on_error
-    verify: none | size | checksum = size → verify (checked when the loader is built)
-    latent_scale: float | None = None     → latent_scale (expected VAE scale; None: the manifest's)
-    dali_threads: int = 2                 → dali_threads
-    dali_decoder: auto | mixed | cpu      → dali_decoder
-    image_size, num_samples (demo)        → image_size, demo_num_samples
-and from elsewhere in the config: run.seed → seed, model.num_classes → num_classes, model.input_size /
-in_channels → latent_size / latent_channels, images=(run.mode != "sit") and the trainer's global batch, rank,
-world size, device and resume step.
+``build_loader`` takes the run's ``data`` section (``erw_fast.config.DataConfig``: kind, path, workers, prefetch,
+verification, ...) and, from the rest of the run, where this rank's share of the global batch goes.
 """
 
 from __future__ import annotations
@@ -37,6 +19,7 @@ from typing import Any
 
 import torch
 
+from erw_fast.config import DataConfig
 from erw_fast.data.sampler import ResumableBatchSampler
 from erw_fast.data.shards import DataError, ShardSet
 from erw_fast.data.train_loader import TrainLoader
@@ -83,53 +66,43 @@ def _check_manifest(shards: ShardSet, image_size: int, latent_scale: float | Non
 
 
 def build_loader(
-    kind: str,
-    path: str | None,
+    data: DataConfig,
     *,
     global_batch_size: int,
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int = 4,
-    loader_threads: int = 0,
     start_step: int = 0,
     device: torch.device | str = "cpu",
-    flip: bool = False,
-    on_error: str = "raise",
-    image_size: int = 256,
     num_classes: int | None = None,
     images: bool = True,
-    features: bool = False,
-    prefetch: int = 2,
-    pin_memory: bool | None = None,
-    verify: str = "size",
-    latent_scale: float | None = None,
     latent_size: int | None = None,
     latent_channels: int | None = None,
     drop_last: bool = True,
-    dali_threads: int = 2,
-    dali_decoder: str = "auto",
-    demo_num_samples: int = 2048,
-    device_prefetch: bool = False,
 ) -> TrainLoader:
-    """Build this rank's loader, positioned at ``start_step``. See the module docstring for the kinds and keys.
+    """Build this rank's loader for ``data``, positioned at ``start_step``.
 
-    ``images=False`` skips reading/decoding images (plain SiT); ``features=True`` loads precomputed teacher
-    features. Shard kinds check the manifest against ``image_size``, ``num_classes``, ``latent_scale``,
-    ``latent_size`` and ``latent_channels`` (those given) and raise ``DataError`` naming the mismatch.
-    ``device_prefetch=True`` wraps the loader in a ``DevicePrefetcher`` (same batches, staged one step ahead).
+    ``images=False`` skips reading/decoding images (plain SiT); ``data.features`` loads precomputed teacher
+    features. Shard kinds check the manifest against ``data.image_size`` and ``data.latent_scale``,
+    ``num_classes``, ``latent_size`` and ``latent_channels`` (those given) and raise ``DataError`` naming the
+    mismatch. ``data.device_prefetch`` (None: on CUDA) wraps the loader in a ``DevicePrefetcher`` (same batches,
+    staged one step ahead).
     """
+    kind, path, flip, features, on_error = data.kind, data.path, data.flip, data.features, data.on_error
+    device = torch.device(device)
+    device_prefetch = device.type == "cuda" if data.device_prefetch is None else data.device_prefetch
+    loader_threads = data.loader_threads
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
     if loader_threads and kind != "webdataset":
         raise ValueError(f"loader_threads={loader_threads} applies to the webdataset kind only, not {kind!r}")
-    device = torch.device(device)
     if kind == "demo":
         from erw_fast.data.demo import DemoShapesDataset
 
         if flip or features:
             raise ValueError("the demo dataset has no flipped moments or precomputed features (flip/features)")
-        dataset = DemoShapesDataset(num_samples=demo_num_samples, num_classes=num_classes or 8, image_size=image_size,
+        dataset = DemoShapesDataset(num_samples=data.num_samples, num_classes=num_classes or 8,
+                                    image_size=data.image_size,
                                     latent_size=latent_size or 8, latent_channels=latent_channels or 4, seed=seed)
         sampler = ResumableBatchSampler(len(dataset), global_batch_size, seed, rank, world_size, drop_last)
         return _staged(DemoLoader(dataset, sampler, start_step, device, images), device_prefetch)
@@ -138,10 +111,10 @@ def build_loader(
         raise ValueError(f"data kind {kind!r} needs a path (the prepared dataset directory)")
     from erw_fast.data.batches import BatchAssembler, LoadOptions
 
-    shards = ShardSet(path, verify=verify, on_error=on_error)  # type: ignore[arg-type]
-    _check_manifest(shards, image_size, latent_scale, latent_size, latent_channels)
+    shards = ShardSet(path, verify=data.verify, on_error=on_error)
+    _check_manifest(shards, data.image_size, data.latent_scale, latent_size, latent_channels)
     sampler = ResumableBatchSampler(shards.num_samples, global_batch_size, seed, rank, world_size, drop_last)
-    opts = LoadOptions(seed=seed, images=images, features=features, flip=flip, on_error=on_error,  # type: ignore[arg-type]
+    opts = LoadOptions(seed=seed, images=images, features=features, flip=flip, on_error=on_error,
                        num_classes=num_classes)
     assembler = BatchAssembler(shards, sampler, opts)
     scale = shards.manifest.scaling_factor
@@ -149,14 +122,15 @@ def build_loader(
         from erw_fast.data.wds_loader import WebDatasetLoader
 
         loader: TrainLoader = WebDatasetLoader(
-            assembler, start_step=start_step, device=device, num_workers=num_workers, num_threads=loader_threads,
-            prefetch_factor=prefetch, pin_memory=pin_memory, latent_scale=scale,
+            assembler, start_step=start_step, device=device, num_workers=data.num_workers,
+            num_threads=loader_threads, prefetch_factor=data.prefetch, pin_memory=data.pin_memory, latent_scale=scale,
         )
         return _staged(loader, device_prefetch)
     from erw_fast.data.dali_loader import DaliLoader
 
-    loader = DaliLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
-                        num_threads=dali_threads, prefetch=prefetch, latent_scale=scale, decoder_device=dali_decoder)
+    loader = DaliLoader(assembler, start_step=start_step, device=device, num_workers=data.num_workers,
+                        num_threads=data.dali_threads, prefetch=data.prefetch, latent_scale=scale,
+                        decoder_device=data.dali_decoder)
     return _staged(loader, device_prefetch)
 
 

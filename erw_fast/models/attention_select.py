@@ -100,3 +100,21 @@ def timing_table(timings: list[BackendTiming], chosen: str) -> str:
         mark = "  ← chosen" if t.backend == chosen else (f"  ({t.note})" if t.note else "")
         rows.append(f"{t.backend:<15}  {ms}  {err:>17}{mark}")
     return "\n".join(rows)
+
+
+def measured_backend_for_run(sit_kwargs: dict, micro_batch: int, precision: str, device: torch.device,
+                             world_size: int, log: Callable[[str], None]) -> str:
+    """model.attn_backend=measure: time every available backend at the run's shape (micro-batch, heads, tokens,
+    head dim, dtype) and return the fastest correct one; rank 0 decides for all ranks."""
+    import torch.distributed as dist
+
+    heads, hidden = sit_kwargs["num_heads"], sit_kwargs["hidden_size"]
+    tokens = (sit_kwargs["input_size"] // sit_kwargs["patch_size"]) ** 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    timings = measure_attention_backends(micro_batch, heads, tokens, hidden // heads, dtype, device)
+    choice = [choose_attention_backend(timings)]
+    if world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    log(f"attention measured at batch {micro_batch} × {heads} heads × {tokens} tokens × head dim "
+        f"{hidden // heads}, {dtype}:\n{timing_table(timings, choice[0])}")
+    return choice[0]

@@ -1,0 +1,127 @@
+"""What a training checkpoint holds besides the engine's tensors, how the ranks write it together, how a run
+resumes from it, and the reference-layout export of a finished run. File handling is in ``checkpoint.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from erw_fast.checkpoint import (
+    CHECKPOINT_SUBDIR,
+    capture_rng_state,
+    checkpoint_name,
+    export_reference_checkpoint,
+    export_safetensors,
+    latest_checkpoint,
+    prune_engine_dirs,
+    restore_rng_state,
+    save_checkpoint,
+)
+from erw_fast.config import Config
+from erw_fast.engines import Engine
+from erw_fast.runtime import DistEnv
+
+
+@dataclass
+class PhaseStats:
+    """What a phase has done so far (kept across resumes; the end-of-run summary table)."""
+
+    name: str
+    steps: int = 0
+    images: int = 0
+    wall_s: float = 0.0
+    final_loss: float | None = None
+    skipped: int = 0
+
+
+@dataclass
+class RunState:
+    """The trainer's own state at a step boundary."""
+
+    step: int
+    phase: str
+    stats: dict[str, PhaseStats]
+    nonfinite_in_a_row: int
+    data: dict[str, Any]  # the loader's position (plain data)
+
+
+def _rng_states(env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's RNG state (index = rank). The step's noise does not come from these streams (see
+    erw_fast.randomness); they are kept for anything else that draws from the global generators."""
+    own = capture_rng_state()
+    if env.world_size == 1:
+        return [own]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, own)
+    return gathered
+
+
+def save_training_checkpoint(run: RunState, engine: Engine, config: Config, env: DistEnv,
+                             tag: str | None = None) -> Path | None:
+    """Every rank takes part (RNG gather, the engine's own files); rank 0 writes the state file, which is what
+    marks the checkpoint complete. Returns its path on rank 0."""
+    rng = _rng_states(env)
+    run_dir = config.run_dir
+    engine_state = engine.checkpoint_state(run_dir / CHECKPOINT_SUBDIR, checkpoint_name(run.step, tag))
+    if env.world_size > 1:
+        dist.barrier()  # every rank's engine files are complete before the state file marks the checkpoint
+    path = None
+    if env.is_main:
+        state = {
+            "step": run.step, "phase": run.phase, **engine_state, "rng": rng, "data": run.data,
+            "nonfinite_in_a_row": run.nonfinite_in_a_row,
+            "stats": {k: {f: v for f, v in asdict(s).items() if f != "name"} for k, s in run.stats.items()},
+            "config": config.to_dict(), "world_size": env.world_size,
+        }
+        path = save_checkpoint(state, run_dir, run.step, config.checkpoint.keep_last, tag=tag)
+        prune_engine_dirs(run_dir)
+    if env.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def resume_source(config: Config) -> Path | None:
+    """checkpoint.resume: none, auto (the run directory's latest complete checkpoint) or a path."""
+    choice = config.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_checkpoint(config.run_dir)
+    return Path(choice)
+
+
+def restore_run_state(state: dict[str, Any], env: DistEnv, config: Config,
+                      log: Callable[[str], None]) -> RunState:
+    """The trainer's state from a checkpoint; this rank's RNG state restored when the world size is unchanged."""
+    rng = state["rng"]
+    if len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    else:
+        # The step noise is drawn per global batch (erw_fast.randomness), so the run continues the same way on
+        # any world size; only the global generators are re-seeded.
+        torch.manual_seed(config.run.seed + env.rank)
+        log(f"resume: checkpoint written with {len(rng)} rank(s), running with {env.world_size}")
+    stats = {name: PhaseStats(name, **s) for name, s in state["stats"].items()}
+    return RunState(int(state["step"]), state["phase"], stats, int(state["nonfinite_in_a_row"]), state["data"])
+
+
+def reference_args(c: Config, z_dims: Sequence[int]) -> dict[str, Any]:
+    """The `args` of a reference-layout checkpoint (what REPA/ERW's generate.py reads)."""
+    return {"model": c.model.name, "encoder_depth": c.alignment.encoder_depth, "enc_type": ",".join(c.encoder.names),
+            "proj_coeff": c.alignment.weight, "path_type": c.diffusion.path_type,
+            "weighting": c.diffusion.time_weighting, "resolution": c.encoder.resolution,
+            "num_classes": c.model.num_classes, "projector_embed_dims": ",".join(map(str, z_dims)),
+            "qk_norm": c.model.qk_norm, "use_rope": c.model.use_rope}
+
+
+def export_consolidated(model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
+                        args: dict[str, Any], step: int, out_dir: Path) -> list[Path]:
+    """``{step}.pt`` = {model, ema, args, steps} (the reference layout) and the same weights as safetensors."""
+    path = export_reference_checkpoint(model_state, ema_state, args, step, out_dir)
+    return [path, export_safetensors(model_state, path.with_suffix(".model.safetensors")),
+            export_safetensors(ema_state, path.with_suffix(".ema.safetensors"))]

@@ -1,0 +1,161 @@
+"""The phases of a run. Each says what model it builds, what it computes per micro-batch, what it carries into the
+next phase and what it logs; the trainer runs them in order and never asks which one it has.
+
+- ``WarmupPhase``: ERW Phase 1, the L2R warmup. The embedders, the first L blocks and the projector on clean
+  latents (t = 0), trained on the alignment loss alone; its weights seed the full model.
+- ``DiffusionPhase``: the full SiT on x_t = α_t·x0 + σ_t·ε, v-prediction MSE + λ(s)·alignment. ERW Phase 2
+  (λ decaying from c0), REPA (constant λ) or plain SiT (no teacher, no alignment).
+
+One global step counter runs over the whole run: phase k covers steps [start, end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from erw_fast.config import Config
+from erw_fast.encoders.teacher import Teacher
+from erw_fast.models import SiT, SiTPhase1, TransferReport, transfer_phase1_weights
+from erw_fast.objectives import (
+    AlignmentObjective,
+    ConstantLambda,
+    ERWLambdaSchedule,
+    Interpolant,
+    diffusion_loss,
+    erw_c0_preset,
+    phase1_loss,
+)
+from erw_fast.randomness import StepDraw
+
+Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]  # what is back-propagated, and the parts that are logged
+
+
+class Phase:
+    """Steps [start, end) of a run, trained with one model and one loss."""
+
+    name: str
+    aligns: bool = True  # whether the teacher runs
+    end_tag: str | None = None  # a checkpoint written under this tag when the phase completes
+    monitored: bool = True  # the EMA monitors (samples, CKNNA, FID) run in this phase
+    exported: bool = True  # a run that ends in this phase writes the reference-layout export
+
+    def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective) -> None:
+        self.start, self.end = start, end
+        self.teacher = teacher
+        self.alignment = alignment
+
+    def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def targets(self, batch: dict[str, torch.Tensor], sl: slice) -> list[torch.Tensor] | None:
+        """The teacher's features of the micro-batch ``sl`` (None when this phase does not align)."""
+        return self.teacher.targets(batch, sl) if self.aligns else None
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
+        raise NotImplementedError
+
+    def alignment_weight(self, step: int) -> float:
+        """λ at ``step``, as logged (NaN where no λ weighs an alignment term)."""
+        return float("nan")
+
+    def carry_into(self, weights: dict[str, torch.Tensor], model: nn.Module) -> TransferReport | None:
+        """Hand this phase's final weights to the next phase's freshly built ``model``."""
+        return None
+
+    def describe(self, device: torch.device) -> str:
+        """The alignment objective and backend this phase runs (the NT-Xent kernels' form and tiles)."""
+        a = self.alignment
+        if not self.aligns:
+            return f"alignment {a.objective}/-"
+        text = f"alignment {a.objective}/{a.backend}"
+        if a.objective == "nt_xent" and a.backend == "triton":
+            from erw_fast.kernels.tiles import describe_tiles
+
+            # The teacher's features are frozen: the one-sided loss takes the kernels' one-pass form.
+            form = "two passes (symmetric)" if a.symmetric else "one pass, frozen teacher"
+            text += f" ({form}; {describe_tiles(device)})"
+        return text
+
+
+class WarmupPhase(Phase):
+    """ERW Phase 1 (L2R warmup): alignment only, at t = 0, on the first ``depth`` blocks."""
+
+    name = "warmup"
+    end_tag = "phase1"
+    monitored = False  # no final layer: nothing to sample
+    exported = False
+
+    def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *, depth: int,
+                 reuse_projector: bool, legacy_loss: bool) -> None:
+        super().__init__(start, end, teacher, alignment)
+        self.depth, self.reuse_projector, self.legacy_loss = depth, reuse_projector, legacy_loss
+
+    def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
+        return SiTPhase1(self.depth, **sit_kwargs)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
+        assert targets is not None
+        loss = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self.alignment,
+                           legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels)
+        return loss, {"loss": loss, "loss_align": loss}
+
+    def carry_into(self, weights: dict[str, torch.Tensor], model: nn.Module) -> TransferReport:
+        return transfer_phase1_weights(weights, model, include_projectors=self.reuse_projector)
+
+
+class DiffusionPhase(Phase):
+    """The full SiT: diffusion loss + λ(step)·alignment (``lam`` None: plain SiT, no alignment)."""
+
+    def __init__(self, name: str, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
+                 interpolant: Interpolant, encoder_depth: int,
+                 lam: ERWLambdaSchedule | ConstantLambda | None) -> None:
+        super().__init__(start, end, teacher, alignment)
+        self.name, self.aligns = name, lam is not None
+        self.interpolant, self.encoder_depth, self.lam = interpolant, encoder_depth, lam
+
+    def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
+        return SiT(encoder_depth=self.encoder_depth, **sit_kwargs)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
+        latents = batch["latents"][sl]
+        out = diffusion_loss(
+            model, latents, batch["labels"][sl], self.interpolant, encoder_features=targets,
+            alignment=self.alignment if self.aligns else None, alignment_weight=self.alignment_weight(step),
+            t=draw.t.to(latents.dtype), noise=draw.noise.to(latents.dtype), force_drop_ids=draw.drop_labels,
+        )
+        parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
+        if out.alignment is not None:
+            parts["loss_align"] = out.alignment
+        return out.loss, parts
+
+    def alignment_weight(self, step: int) -> float:
+        return self.lam(step) if self.lam is not None else float("nan")
+
+
+def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> list[Phase]:
+    """The run's phases in order: ERW = warmup then full; REPA and plain SiT are one phase."""
+    c = config
+    a = c.alignment
+    alignment = AlignmentObjective(a.objective, a.temperature, a.negatives, a.symmetric, alignment_backend)
+    total = c.train.total_steps
+
+    def full(name: str, start: int, lam: ERWLambdaSchedule | ConstantLambda | None) -> DiffusionPhase:
+        return DiffusionPhase(name, start, total, teacher, alignment, interpolant=Interpolant(c.diffusion.path_type),
+                              encoder_depth=a.encoder_depth, lam=lam)
+
+    if c.run.mode == "erw":
+        e = c.erw
+        c0 = e.c0 if e.c0 is not None else erw_c0_preset(c.model.name)
+        warmup = WarmupPhase(0, e.warmup_steps, teacher, alignment, depth=e.warmup_depth,
+                             reuse_projector=e.reuse_projector, legacy_loss=e.legacy_warmup_loss)
+        return [warmup, full("full", e.warmup_steps, ERWLambdaSchedule(c0, e.warmup_steps, total, e.half_life))]
+    if c.run.mode == "repa":
+        return [full("repa", 0, ConstantLambda(a.weight))]
+    return [full("sit", 0, None)]
