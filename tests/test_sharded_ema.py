@@ -55,3 +55,44 @@ def test_rank_owners_balance_the_elements():
     assert set(owners) == set(sizes) and sorted(load) == [130, 140]  # largest first: 100+40 vs 60+50+10+10
     assert assign_owners(sizes, 1) == dict.fromkeys(sizes, 0)
     assert len(set(assign_owners(sizes, 8).values())) == 6  # more ranks than tensors: some own nothing
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group: RankShardedEMA gathers through collectives."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["EMA", "RankShardedEMA", "ShardedEMA"])
+def test_every_ema_has_one_interface(kind, one_rank_group):
+    from erw_fast.ema import WeightEMA
+    from erw_fast.engines.rank_sharded_ema import RankShardedEMA
+
+    model = _model()
+    make = {"EMA": lambda: EMA(model, 0.9), "RankShardedEMA": lambda: RankShardedEMA(model, 0.9, 0, 1),
+            "ShardedEMA": lambda: ShardedEMA(model, 0.9)}[kind]
+    ema, plain = make(), EMA(model, 0.9)
+    assert isinstance(ema, WeightEMA) and ema.local_numel > 0
+    start = {k: v.clone() for k, v in ema.state_dict().items()}  # EMA's are its model's own tensors
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    ema.update(applied=torch.tensor(False))  # a skipped step leaves the average as it was
+    for key, value in ema.state_dict(everywhere=False).items():
+        torch.testing.assert_close(value, start[key], rtol=0, atol=0, msg=key)
+    ema.update(applied=torch.tensor(True))
+    plain.update()
+    ours = ema.state_dict()
+    assert set(ours) == set(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-7, msg=key)
+    ema.load_state_dict(start)
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, start[key], rtol=0, atol=0, msg=key)

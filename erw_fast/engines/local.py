@@ -123,7 +123,7 @@ class LocalEngine:
         return self.module.state_dict()
 
     def full_ema_state(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict(everywhere) if self.ema_sharded else self.ema.state_dict()
+        return self.ema.state_dict(everywhere)
 
     def checkpoint_state(self, directory: Any, name: str) -> dict[str, Any]:
         return {

@@ -9,9 +9,12 @@ no communication per step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from erw_fast.ema import WeightEMA, check_ema_state, sum_over_ranks
 
 
 def assign_owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -25,15 +28,13 @@ def assign_owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     return owners
 
 
-class RankShardedEMA:
+class RankShardedEMA(WeightEMA):
     """ema ← decay·ema + (1 − decay)·θ for this rank's share of the model's floating parameters and buffers."""
 
     partitioned = True
 
     def __init__(self, model: nn.Module, decay: float, rank: int, world_size: int) -> None:
-        if not 0 <= decay < 1:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        super().__init__(decay)
         self.rank, self.world_size = rank, world_size
         self.module = model
         tensors = {k: v for k, v in (dict(model.named_parameters()) | dict(model.named_buffers())).items()
@@ -45,43 +46,25 @@ class RankShardedEMA:
         self._ema = list(self.own.values())
         self._src = [tensors[k] for k in self.own]
 
-    @property
-    def local_numel(self) -> int:
-        return sum(t.numel() for t in self._ema)
-
-    @torch.no_grad()
-    def update(self, applied: torch.Tensor | None = None) -> None:
-        if not self._ema:
-            return
-        src = [t.detach() for t in self._src]
-        weight = 1.0 - self.decay if applied is None else (1.0 - self.decay) * applied.to(torch.float32)
-        torch._foreach_lerp_(self._ema, src, weight)
+    def _sources(self) -> list[torch.Tensor]:
+        return [t.detach() for t in self._src]
 
     def state_dict(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
-        """The whole EMA keyed like ``module.state_dict()`` (CPU). Every rank takes part (one all-reduce, or a
-        reduce to rank 0 when not ``everywhere``: the other ranks then get an empty dict)."""
-        keep = everywhere or self.rank == 0
+        """Every rank takes part: one all-reduce (or reduce to rank 0) per tensor."""
         out: dict[str, torch.Tensor] = {}
+        received = everywhere or self.rank == 0
         for name in self.shapes:
             mine = self.own.get(name)
             full = mine.clone() if mine is not None else torch.zeros_like(self._tensors[name])
-            if everywhere:
-                dist.all_reduce(full)
-            else:
-                dist.reduce(full, dst=0)
-            if keep:
+            if sum_over_ranks(full, everywhere):
                 out[name] = full.cpu()
-        if keep:  # integer buffers are not averaged: as in the single-process EMA, they are the model's
+        if received:  # integer buffers are not averaged: as in the single-process EMA, they are the model's
             state = self.module.state_dict()
             out.update({k: v.detach().cpu().clone() for k, v in state.items() if k not in out})
             out = {k: out[k] for k in state}
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [k for k in self.shapes if k not in state]
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        check_ema_state(state, self.shapes, "tensor")
         for name, tensor in self.own.items():
-            if tuple(state[name].shape) != tuple(tensor.shape):
-                raise ValueError(f"EMA {name}: shape {tuple(state[name].shape)} != {tuple(tensor.shape)}")
             tensor.copy_(state[name].to(device=tensor.device, dtype=tensor.dtype))

@@ -13,11 +13,14 @@ gathered. Without partitioning (ZeRO-0 in fp32) the EMA holds whole parameters, 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from erw_fast.ema import WeightEMA, check_ema_state, sum_over_ranks
 
 
 @dataclass
@@ -51,13 +54,11 @@ def _local_fragment(param: nn.Parameter, rank: int) -> tuple[int, torch.Tensor |
     return 0, param.data.view(-1)  # not partitioned: the parameter is its own fp32 master
 
 
-class ShardedEMA:
+class ShardedEMA(WeightEMA):
     """ema ← decay·ema + (1 − decay)·θ on this rank's fragments of the fp32 master weights."""
 
     def __init__(self, module: nn.Module, decay: float, group: dist.ProcessGroup | None = None) -> None:
-        if not 0 <= decay < 1:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        super().__init__(decay)
         self.module = module
         self.group = group
         rank = dist.get_rank(group) if dist.is_initialized() else 0
@@ -74,14 +75,8 @@ class ShardedEMA:
         self._masters = [f.master for f in self.fragments if f.master is not None]
         self.partitioned = any(_zero3(f.param) or hasattr(f.param, "_hp_mapping") for f in self.fragments)
 
-    @property
-    def local_numel(self) -> int:
-        return sum(t.numel() for t in self._ema)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        if self._ema:
-            torch._foreach_lerp_(self._ema, [m.float() for m in self._masters], 1.0 - self.decay)
+    def _sources(self) -> list[torch.Tensor]:
+        return [m.float() for m in self._masters]
 
     # ------------------------------------------------------------------------------------------ gather / load
 
@@ -92,16 +87,10 @@ class ShardedEMA:
         full = torch.zeros(fragment.shape.numel(), dtype=torch.float32, device=device)
         if fragment.ema is not None:
             full.narrow(0, fragment.start, fragment.ema.numel()).copy_(fragment.ema)
-        if everywhere:
-            dist.all_reduce(full, group=self.group)
-            return full.view(fragment.shape)
-        dist.reduce(full, dst=dist.get_global_rank(self.group, 0) if self.group is not None else 0, group=self.group)
-        return full.view(fragment.shape) if self._rank == 0 else None
+        return full.view(fragment.shape) if sum_over_ranks(full, everywhere, self.group) else None
 
     def state_dict(self, everywhere: bool = True) -> dict[str, torch.Tensor]:
-        """The whole EMA, keyed like ``module.state_dict()``, on the CPU. Every rank takes part; every rank
-        receives it, or (``everywhere=False``) only rank 0 — the others get an empty dict, which spares their host
-        memory when only rank 0 writes. Frozen parameters and buffers are taken from the module."""
+        """Frozen parameters and buffers are taken from the module."""
         keep = everywhere or self._rank == 0
         out = {}
         for f in self.fragments:
@@ -116,18 +105,12 @@ class ShardedEMA:
             out.update({n: b.detach().cpu().clone() for n, b in self.module.named_buffers()})
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a whole EMA (as written by ``state_dict`` or the single-process EMA): each rank keeps its piece,
-        so an EMA saved on any world size loads on any other."""
-        missing = [f.name for f in self.fragments if f.name not in state]
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} trained parameter(s), e.g. {missing[:3]}")
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Each rank keeps its piece, so an EMA saved on any world size loads on any other."""
+        check_ema_state(state, {f.name: f.shape for f in self.fragments}, "trained parameter")
         for f in self.fragments:
-            value = state[f.name]
-            if tuple(value.shape) != tuple(f.shape):
-                raise ValueError(f"EMA {f.name}: shape {tuple(value.shape)} != parameter {tuple(f.shape)}")
             if f.ema is not None:
-                piece = value.reshape(-1).narrow(0, f.start, f.ema.numel())
+                piece = state[f.name].reshape(-1).narrow(0, f.start, f.ema.numel())
                 f.ema.copy_(piece.to(device=f.ema.device, dtype=f.ema.dtype))
 
 
