@@ -14,9 +14,10 @@ import torch
 
 from erw_fast.config import Config, ConfigError
 from erw_fast.engines import Engine
+from erw_fast.objectives import Interpolant
 from erw_fast.phases import Phase
 from erw_fast.randomness import GlobalBatchRandomness
-from erw_fast.runtime import autocast_context
+from erw_fast.runtime import DistEnv, autocast_context
 
 Region = Callable[[str], None]  # called as each region of the step begins (the benchmark's timer)
 
@@ -81,6 +82,17 @@ class TrainStep:
         self.precision, self.device = precision, device
         self.skips = SkipCounter(device)
         self.last: dict[str, torch.Tensor] = {}  # the last step's totals (named in a non-finite abort)
+
+    @classmethod
+    def for_run(cls, config: Config, plan: BatchPlan, env: DistEnv) -> TrainStep:
+        """The step of a run with ``config`` on this rank: its precision and global-batch randomness."""
+        m = config.model
+        randomness = GlobalBatchRandomness(
+            seed=config.run.seed, global_batch=plan.global_batch,
+            latent_shape=(m.in_channels, m.input_size, m.input_size), class_dropout_prob=m.class_dropout_prob,
+            interpolant=Interpolant(config.diffusion.path_type), time_weighting=config.diffusion.time_weighting,
+            device=env.device)
+        return cls(plan, randomness, env.rank, config.train.precision, env.device)
 
     def __call__(self, engine: Engine, phase: Phase, step: int, batch: dict[str, torch.Tensor],
                  region: Region = _no_region) -> dict[str, torch.Tensor]:

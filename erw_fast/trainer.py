@@ -37,9 +37,8 @@ from erw_fast.engines import Engine, LocalEngine, select_engine
 from erw_fast.metrics import MetricsWriter
 from erw_fast.models import describe_attention_backend
 from erw_fast.monitor import TrainingMonitor
-from erw_fast.objectives import Interpolant, resolve_alignment_backend
+from erw_fast.objectives import resolve_alignment_backend
 from erw_fast.phases import Phase, WarmupPhase, plan_phases
-from erw_fast.randomness import GlobalBatchRandomness
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
 from erw_fast.step import BatchPlan, TrainStep
 from erw_fast.stop_signals import StopSignals
@@ -73,14 +72,8 @@ class Trainer:
         backend = resolve_alignment_backend(c.alignment.backend, torch.empty(0, device=self.device))
         self.phases = plan_phases(c, self.teacher, backend)
         self.phase: Phase = self.phases[0]
-        m = c.model
-        randomness = GlobalBatchRandomness(
-            seed=c.run.seed, global_batch=self.batch.global_batch,
-            latent_shape=(m.in_channels, m.input_size, m.input_size), class_dropout_prob=m.class_dropout_prob,
-            interpolant=Interpolant(c.diffusion.path_type), time_weighting=c.diffusion.time_weighting,
-            device=self.device)
-        self.train_step = TrainStep(self.batch, randomness, self.env.rank, c.train.precision, self.device)
-        self.attn_backend = m.attn_backend  # "measure" is resolved in run()
+        self.train_step = TrainStep.for_run(c, self.batch, self.env)
+        self.attn_backend = c.model.attn_backend  # "measure" is resolved in run()
         self.stats: dict[str, PhaseStats] = {}
         self.nonfinite_in_a_row = 0
         self.stop_exit_code = 0

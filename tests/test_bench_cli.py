@@ -18,6 +18,10 @@ from erw_fast.objectives import repa_cosine_loss
 TINY = ["--model", "SiT-S/2", "--input-size", "8", "--depth", "2", "--hidden", "64", "--heads", "2",
         "--num-classes", "10", "--projector-dim", "64", "--encoder", "demo-vit-t", "--encoder-resolution", "64"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The same tiny workload as `erw-bench train` takes it: trainer config overrides (before the options).
+WORK = bench.Workload(model="SiT-S/2", input_size=8, depth=2, hidden=64, heads=2, num_classes=10, projector_dim=64,
+                      encoders=["demo-vit-t"], resolution=64)
+TRAIN_TINY = [*WORK.config_overrides(), "train.precision=fp32"]
 
 
 def test_cost_cli_writes_table_json_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,7 +79,7 @@ def test_cost_measure_refuses_a_real_model_on_cpu(tmp_path: Path, capsys: pytest
 
 @pytest.mark.parametrize("reference", [False, True])
 def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
-    args = ["train", *TINY, "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
+    args = ["train", *TRAIN_TINY, "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
             "--out", str(tmp_path), "--name", "t"] + (["--reference-step"] if reference else [])
     assert bench.main(args) == 0
     doc = json.loads((tmp_path / "t.json").read_text())
@@ -85,8 +89,6 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
     variants = ["fast", "reference"] if reference else ["fast"]
     expected = [(p, v) for p in ("warmup", "full") for v in variants]
     assert [(r["phase"], r["variant"]) for r in doc["results"]] == expected
-    work = bench.Workload(model="SiT-S/2", input_size=8, depth=2, hidden=64, heads=2, num_classes=10,
-                          projector_dim=64, encoders=["demo-vit-t"], resolution=64)
     for r in doc["results"]:
         assert r["status"] == "ok" and r["batch"] == 4 and r["steps"] == 2
         assert set(r["breakdown_median_s"]) == set(bench.REGIONS)
@@ -94,7 +96,7 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
         assert r["peak_memory_gib"] is None  # CPU
         assert r["gpu_telemetry"] == {"unavailable": "not a CUDA device (cpu)"}
         assert len(r["raw"]["region_times_s"]) == 2 and len(r["raw"]["step_times_s"]) == 2
-        assert r["gflops_per_step"] == pytest.approx(work.step_breakdown(r["phase"], 4).training() / 1e9)
+        assert r["gflops_per_step"] == pytest.approx(WORK.step_breakdown(r["phase"], 4).training() / 1e9)
         assert r["achieved_tflops"] == pytest.approx(r["gflops_per_step"] / 1e3 / r["step_time_median_s"])
         assert r["precision"] == ("fp16" if r["variant"] == "reference" else "fp32")
     by_key = {(r["phase"], r["variant"]): r for r in doc["results"]}
@@ -116,8 +118,8 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
 
 def test_train_bench_sweeps_attention_backends(tmp_path: Path) -> None:
     # Two backends, each its own variant; same seeds and data, so both runs end at the same loss.
-    args = ["train", *TINY, "--batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu", "--phases", "full",
-            "--attn-backend", "sdpa", "math", "--out", str(tmp_path), "--name", "a"]
+    args = ["train", *TRAIN_TINY, "--batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu", "--phases",
+            "full", "--attn-backend", "sdpa", "math", "--out", str(tmp_path), "--name", "a"]
     assert bench.main(args) == 0
     doc = json.loads((tmp_path / "a.json").read_text())
     assert [(r["variant"], r["attention"]) for r in doc["results"]] == [("fast@sdpa", "sdpa"), ("fast@math", "math")]
@@ -137,9 +139,7 @@ def test_train_bench_sweeps_attention_backends(tmp_path: Path) -> None:
 def test_train_bench_reports_after_every_measurement() -> None:
     # A run cut short by a time limit keeps what finished: the document is handed out after each case,
     # batch by batch, both phases of a batch before the next batch.
-    work = bench.Workload(model="SiT-S/2", input_size=8, depth=2, hidden=64, heads=2, num_classes=10,
-                          projector_dim=64, encoders=["demo-vit-t"], resolution=64)
-    settings = bench.TrainSettings(work=work, batches=[2, 3], steps=1, warmup=0, device="cpu")
+    settings = bench.TrainSettings(overrides=TRAIN_TINY, batches=[2, 3], steps=1, warmup=0, device="cpu")
     docs = []
     final = bench.run_train_benchmark(settings, on_result=docs.append)
     assert [len(d["results"]) for d in docs] == [1, 2, 3, 4]
@@ -148,13 +148,65 @@ def test_train_bench_reports_after_every_measurement() -> None:
     assert len(docs[1]["phase1_ratios"]) == 1  # the first batch's ratio exists after its second case
 
 
+@pytest.mark.parametrize("phase_name", ["warmup", "full"])
+def test_the_benchmark_times_the_trainers_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               phase_name: str) -> None:
+    """`erw-bench train` builds model, engine and step from the config as the trainer does: for the same batch
+    and step (hence the same draws) both give the same losses, gradients, gradient norm, weights and EMA."""
+    import io
+
+    from erw_fast.bench import train as bench_train
+    from erw_fast.encoders.teacher import load_teacher
+    from erw_fast.engines.local import LocalEngine
+    from erw_fast.trainer import Trainer
+
+    gradients: list[list[torch.Tensor]] = []
+    original = LocalEngine.step
+
+    def recording(self: LocalEngine, loss: torch.Tensor, region=None):  # noqa: ANN001, ANN202
+        gradients.append([p.grad.detach().clone() for p in self.trainable])
+        return original(self, loss, region)
+
+    monkeypatch.setattr(LocalEngine, "step", recording)
+    cpu = torch.device("cpu")
+    settings = bench.TrainSettings(overrides=[*TRAIN_TINY, "train.micro_batch_size=2", f"run.output_dir={tmp_path}"],
+                                   phases=[phase_name], batches=[4], device="cpu")
+    config = bench.bench_config(settings, phase_name, 4, cpu)
+    host = bench_train._host_batch(config, 4, cpu)
+    teacher = load_teacher(config, cpu, config.model.num_tokens(), lambda _line: None)
+
+    torch.manual_seed(config.run.seed)
+    built = bench_train.trainer_step(config, phase_name, teacher, cpu, iter(lambda: dict(host), None))
+    bench_loss = built.run(3, None)
+
+    trainer = Trainer(config, log_stream=io.StringIO())
+    trainer.teacher.encoders = teacher.encoders
+    phase = next(p for p in trainer.phases if p.name == phase_name)
+    torch.manual_seed(config.run.seed)  # as Trainer.run seeds rank 0 before it builds the model
+    trainer._enter_phase(phase, trainer._new_model(phase))
+    totals = trainer.train_step(trainer.engine, phase, phase.start + 3, dict(host))
+
+    assert torch.equal(totals["loss"], bench_loss)
+    [bench_grads, trainer_grads] = gradients
+    assert len(bench_grads) == len(trainer_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(bench_grads, trainer_grads, strict=True))
+    for mine, theirs in ((built.engine.full_model_state(), trainer.engine.full_model_state()),
+                         (built.engine.full_ema_state(), trainer.engine.full_ema_state())):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert built.engine.trainable[0].grad is None  # the step completed (AdamW applied, gradients released)
+
+
 def test_train_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    base = ["train", *TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]
+    options = ["--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]
+    base = ["train", *TRAIN_TINY, *options]
     assert bench.main([*base, "--phases", "phase2"]) == 2
     assert "unknown phase" in capsys.readouterr().err
     # 8 px latents / patch 2 = 16 tokens, but DINOv2-B at 256 px yields 256: a clear token-count error
-    assert bench.main([*base, "--encoder", "dinov2-vit-b", "--encoder-resolution", "256"]) == 2
+    teacher = ["encoder.names=[dinov2-vit-b]", "encoder.resolution=256", "data.image_size=256"]
+    assert bench.main(["train", *TRAIN_TINY, *teacher, *options]) == 2
     assert "token-count mismatch" in capsys.readouterr().err
+    assert bench.main(["train", *TRAIN_TINY, "train.warmup=3", *options]) == 2  # the trainer's config errors
+    assert "unknown config key 'train.warmup'" in capsys.readouterr().err
     assert bench.main([*base, "--attn-backend", "sdpa", "flash-attention"]) == 2
     assert "unknown attention backend 'flash-attention'" in capsys.readouterr().err
     # the real SiT-XL/2 on CPU is refused before anything is built
@@ -164,7 +216,8 @@ def test_train_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_train_bench_on_gpu_reports_mfu_and_memory(tmp_path: Path) -> None:
-    args = ["train", *TINY, "--batch", "8", "--steps", "3", "--warmup", "2", "--device", "cuda",
+    args = ["train", *TRAIN_TINY, "train.precision=bf16", "--batch", "8", "--steps", "3", "--warmup", "2",
+            "--device", "cuda",
             "--reference-step", "--out", str(tmp_path), "--name", "g"]
     assert bench.main(args) == 0
     doc = json.loads((tmp_path / "g.json").read_text())
@@ -192,14 +245,17 @@ def test_region_timer_on_cpu() -> None:
     started = time.perf_counter()
     for _ in range(2):
         timer.start()
+        timer.region("data")
         time.sleep(0.01)
-        timer.mark("data")
+        timer.region("forward")
         time.sleep(0.02)
-        timer.mark("forward")
+        timer.region("data")  # a region entered again in the step (micro-batches) adds up
+        time.sleep(0.01)
+        timer.stop()
     wall = time.perf_counter() - started
     steps = timer.results()
     assert [list(s) for s in steps] == [["data", "forward"]] * 2
-    assert all(s["data"] >= 0.01 and s["forward"] >= 0.02 for s in steps)
+    assert all(s["data"] >= 0.02 and s["forward"] >= 0.02 for s in steps)
     assert sum(sum(s.values()) for s in steps) <= wall
 
 
@@ -232,8 +288,8 @@ def test_reference_ema_matches_the_library_ema() -> None:
 
 
 def test_train_bench_profile_writes_traces_with_step_regions(tmp_path: Path) -> None:
-    args = ["train", *TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--phases", "full",
-            "--compile", "on", "--out", str(tmp_path), "--name", "t", "--profile", str(tmp_path / "traces"),
+    args = ["train", *TRAIN_TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--phases",
+            "full", "--compile", "on", "--out", str(tmp_path), "--name", "t", "--profile", str(tmp_path / "traces"),
             "--profile-steps", "2"]
     assert bench.main(args) == 0
     [result] = json.loads((tmp_path / "t.json").read_text())["results"]

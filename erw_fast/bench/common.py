@@ -1,12 +1,10 @@
-"""Shared pieces of ``erw-bench``: the device (name, bf16 peak), library versions, JSON / markdown helpers, and the
+"""Shared pieces of ``erw-bench``: timing, the device (from ``erw_fast.envinfo``), JSON / markdown helpers, and the
 ``Workload`` one benchmark step computes."""
 
 from __future__ import annotations
 
 import json
-import platform
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,31 +13,18 @@ from typing import Any
 
 import torch
 
+from erw_fast import envinfo
 from erw_fast import flops as F
+from erw_fast.atomic import atomic_write_text
+from erw_fast.envinfo import device_info, peak_bf16_tflops
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. First match wins, so the
-# more specific names come first.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM5 ("H100 80GB HBM3")
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H800", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-)
+# device_info and peak_bf16_tflops are re-exported: erw-bench's modules take the device report from here.
+__all__ = ["Workload", "device_info", "peak_bf16_tflops", "resolve_device", "time_ms", "versions"]
 
 
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak for a GPU name ('NVIDIA H100 80GB HBM3' → 989), None when unknown (or a CPU)."""
-    for pattern, peak in PEAK_BF16_TFLOPS:
-        if pattern.lower() in device_name.lower():
-            return peak
-    return None
+def versions() -> dict[str, str | None]:
+    """envinfo's versions plus the optional kernel libraries, each reported only once the run imported it."""
+    return envinfo.versions("timm", "triton", "flash_attn")
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> list[float]:
@@ -73,52 +58,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def gpu_name(device: torch.device) -> str:
-    """The GPU's marketing name: NVML when importable (reports SXM vs PCIe reliably), else torch's."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # no pynvml, no driver access, or a MIG slice: torch's name is good enough
-        return torch.cuda.get_device_name(device)
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        name = gpu_name(device)
-        props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": name, "peak_bf16_tflops": peak_bf16_tflops(name),
-                "capability": f"{props.major}.{props.minor}", "memory_gib": props.total_memory / 2**30,
-                "count": torch.cuda.device_count()}
-    return {"type": device.type, "name": _cpu_name(), "peak_bf16_tflops": None, "threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    try:  # Linux names the model here; platform.processor() is often just the architecture
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
-                                  "cuda": torch.version.cuda, "platform": platform.platform()}
-    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
-    for module in ("timm", "triton", "flash_attn"):
-        mod = sys.modules.get(module)
-        out[module] = getattr(mod, "__version__", None) if mod is not None else None
-    return out
-
-
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -167,6 +108,17 @@ class Workload:
             if getattr(self, key) is not None:
                 out[name] = getattr(self, key)
         return out
+
+    def config_overrides(self) -> list[str]:
+        """The same workload as trainer config overrides (what ``erw-bench train`` and the trainer read)."""
+        m = self.shape()
+        return [f"model.name={self.model}", f"model.input_size={m.input_size}", f"model.in_channels={m.in_channels}",
+                f"model.num_classes={self.num_classes}", f"model.depth={m.depth}", f"model.hidden_size={m.hidden_size}",
+                f"model.num_heads={m.num_heads}", f"model.patch_size={m.patch_size}",
+                f"model.projector_dim={self.projector_dim}", f"encoder.names=[{','.join(self.encoders)}]",
+                f"encoder.resolution={self.resolution}", f"data.image_size={self.resolution}",
+                f"erw.warmup_depth={self.warmup_blocks()}", f"alignment.encoder_depth={self.alignment_depth()}",
+                f"alignment.objective={self.objective}", f"alignment.negatives={self.negatives}"]
 
     def shape(self) -> F.SiTShape:
         return F.SiTShape.resolve(self.model, **self.overrides())

@@ -9,11 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from erw_fast import flops as F
 from erw_fast.bench.common import Workload, _gflop, _md_table, _pct, resolve_device
-from erw_fast.bench.train import TrainSettings, run_train_benchmark
+from erw_fast.bench.train import TrainSettings, guard_cpu, run_train_benchmark
 
 
 def reconstruct_paper(batch: int = F.PAPER_BATCH) -> dict[str, Any]:
@@ -282,20 +280,6 @@ def _parse_splits(text: str | None) -> tuple[F.BudgetSplit, ...]:
     return tuple(splits)
 
 
-def guard_cpu(work: Workload, phases: Sequence[str], batches: Sequence[int], device: torch.device,
-              limit: float) -> None:
-    """Refuse real-size configurations on CPU: one SiT-XL/2 step there takes many minutes."""
-    if device.type != "cpu":
-        return
-    worst = max(work.step_breakdown(p, b).training() for p in phases for b in batches)
-    if worst > limit:
-        raise ValueError(
-            f"on CPU one step of this configuration is {worst / 1e12:.1f} TFLOP, too slow here (limit "
-            f"{limit / 1e12:.1f} TFLOP, --cpu-flop-limit); pick a tiny configuration (--depth/--hidden/--heads/"
-            "--input-size, --encoder demo-vit-t --resolution 64) or run on a GPU"
-        )
-
-
 def measure_phases(work: Workload, args: argparse.Namespace) -> dict[str, Any]:
     """Timed steps of the warmup and full phases on this device, projected onto the budget splits.
 
@@ -304,9 +288,11 @@ def measure_phases(work: Workload, args: argparse.Namespace) -> dict[str, Any]:
     """
     device = resolve_device(args.device)
     batch = args.measure_batch or args.batch
-    guard_cpu(work, ("warmup", "full"), (batch,), device, args.cpu_flop_limit)
-    settings = TrainSettings(work=work, phases=["warmup", "full"], batches=[batch], steps=args.measure_steps,
-                             warmup=args.measure_warmup, device=args.device, precision=args.precision)
+    precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    settings = TrainSettings(overrides=work.config_overrides(), phases=["warmup", "full"], batches=[batch],
+                             steps=args.measure_steps, warmup=args.measure_warmup, device=args.device,
+                             precision=precision)
+    guard_cpu(settings, device, args.cpu_flop_limit)
     bench = run_train_benchmark(settings)
     phases = []
     for r in bench["results"]:

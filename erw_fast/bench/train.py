@@ -1,5 +1,10 @@
-"""``erw-bench train``: training throughput per phase (img/s, step-time regions, TFLOP/s, MFU, peak memory), the fast
-step against the reference's way of running it, optionally profiled."""
+"""``erw-bench train``: training throughput per phase (img/s, step-time regions, TFLOP/s, MFU, peak memory).
+
+The fast variants time ``erw_fast.step.TrainStep`` -- the function the trainer calls -- on the engine, phase
+and model the trainer builds from the same config (``--config`` and ``key=value`` overrides, as ``train.py``
+takes them). ``--reference-step`` adds a separately labelled imitation of the reference code's step (per-sample
+alignment loop, fp16 + GradScaler, eager, per-parameter EMA, fp32 teacher) for the speed-up.
+"""
 
 from __future__ import annotations
 
@@ -17,24 +22,27 @@ from typing import Any
 import torch
 
 from erw_fast import flops as F
-from erw_fast.bench.common import Workload, _gflop, _md_table, _slug, device_info, resolve_device, versions
+from erw_fast.bench.common import _gflop, _md_table, _slug, device_info, resolve_device, versions
 from erw_fast.bench.gpu_monitor import GpuMonitor, gpu_telemetry_unavailable
+from erw_fast.config import Config, load_config
 
 REGIONS = ("data", "encoder", "forward", "backward", "optimizer", "ema")
+MODES = {"warmup": "erw", "full": "erw", "repa": "repa", "sit": "sit"}  # the run.mode each phase belongs to
 
 
 class RegionTimer:
-    """Region boundaries inside each step: CUDA events on GPU (read after one sync at the end, so timing never
-    serialises the step), perf_counter on CPU (where every op is synchronous anyway).
+    """The step's regions, each opened by ``region(name)`` (which closes the previous one); a region entered
+    several times in a step (micro-batches) adds up. CUDA events on GPU (read after one sync at the end, so
+    timing never serialises the step), perf_counter on CPU (where every op is synchronous anyway).
 
-    The regions also appear as named ranges in profiler traces (``record_function``) and in Nsight Systems (NVTX)
-    when ``ranges`` is on: a mark closes the current region's range and opens the next one's (REGIONS order)."""
+    With ``ranges`` the regions also appear as named ranges in profiler traces (``record_function``) and in
+    Nsight Systems (NVTX)."""
 
     def __init__(self, device: torch.device, ranges: bool = False, label: str = "") -> None:
         self.cuda = device.type == "cuda"
         self.ranges = ranges
         self.label = label
-        self.steps: list[list[tuple[str, Any]]] = []
+        self.steps: list[list[tuple[str | None, Any]]] = []
         self._open: list[Any] = []
 
     def _push(self, name: str) -> None:
@@ -60,18 +68,19 @@ class RegionTimer:
         return time.perf_counter()
 
     def start(self) -> None:
-        self.steps.append([("start", self._now())])
+        self.steps.append([])
         self._push("step")
-        self._push(REGIONS[0])
 
-    def mark(self, region: str) -> None:
-        self.steps[-1].append((region, self._now()))
-        self._pop()
-        following = REGIONS.index(region) + 1
-        if following < len(REGIONS):
-            self._push(REGIONS[following])
-        else:
-            self._pop()  # the step range
+    def region(self, name: str) -> None:
+        if self.steps[-1]:
+            self._pop()
+        self.steps[-1].append((name, self._now()))
+        self._push(name)
+
+    def stop(self) -> None:
+        self.steps[-1].append((None, self._now()))
+        self._pop()  # the last region
+        self._pop()  # the step
 
     def results(self) -> list[dict[str, float]]:
         if self.cuda:
@@ -79,59 +88,77 @@ class RegionTimer:
         out = []
         for marks in self.steps:
             regions: dict[str, float] = {}
-            for (_, a), (name, b) in zip(marks, marks[1:], strict=False):
-                regions[name] = a.elapsed_time(b) / 1e3 if self.cuda else b - a
+            for (name, a), (_, b) in zip(marks, marks[1:], strict=False):
+                regions[name] = regions.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
             out.append(regions)
         return out
 
 
 @dataclass
 class TrainSettings:
-    work: Workload = field(default_factory=Workload)
+    config: str | None = None  # a YAML config, as train.py takes it
+    overrides: list[str] = field(default_factory=list)  # key=value, applied after the config
     phases: list[str] = field(default_factory=lambda: ["warmup", "full"])
     batches: list[int] = field(default_factory=lambda: [32])
     steps: int = 20
     warmup: int = 5
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: str = "off"  # off | on | both
-    compile_scope: str = "blocks"  # blocks (regional) | model
-    compile_mode: str = "default"
+    precision: str | None = None  # None: the config's train.precision
+    compile: str | None = None  # off | on | both; None: the config's train.compile
+    compile_scope: str | None = None  # blocks (regional) | model; None: the config's
+    compile_mode: str | None = None
     profile_dir: str | None = None  # write a Chrome trace of a few profiled steps per measurement here
     profile_steps: int = 3
-    attn_backends: list[str] = field(default_factory=lambda: ["sdpa"])  # one or more: each is its own variant
-    alignment_backend: str = "auto"
+    attn_backends: list[str] | None = None  # each its own variant; None: the config's model.attn_backend
+    alignment_backend: str | None = None  # None: the config's alignment.backend
     reference_step: bool = False
-    lr: float = 1e-4
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    alignment_weight: float = 0.5
     seed: int = 0
 
 
-def _variants(s: TrainSettings) -> list[str]:
-    """Variant labels: fast (eager / compiled), per attention backend when several are swept, and reference."""
-    fast = {"off": ["fast"], "on": ["fast+compile"], "both": ["fast", "fast+compile"]}[s.compile]
-    if len(s.attn_backends) > 1:
-        fast = [f"{v}@{backend}" for backend in s.attn_backends for v in fast]
-    return fast + (["reference"] if s.reference_step else [])
+# What a throughput measurement does not need: teacher weights (random ones cost the same), logging, checkpoints.
+BENCH_DEFAULTS = ("encoder.pretrained=false", "logging.progress=false", "logging.plot=false")
 
 
-def _variant_backend(s: TrainSettings, variant: str) -> str:
-    """The attention backend a variant runs: the reference uses plain SDPA, as the reference code does."""
-    if variant == "reference":
-        return "sdpa"
-    return variant.split("@", 1)[1] if "@" in variant else s.attn_backends[0]
+def bench_config(s: TrainSettings, phase: str, batch: int, device: torch.device, compiled: bool | None = None,
+                 attn_backend: str | None = None) -> Config:
+    """The config one measurement trains with: the user's config and overrides, then this case's settings (a
+    ``train.micro_batch_size`` the user sets is kept: the step then accumulates, as the trainer would)."""
+    case = [f"run.mode={MODES[F.check_phase(phase)]}", f"run.device={device.type}", f"run.seed={s.seed}",
+            f"train.global_batch_size={batch}"]
+    for key, value in (("train.precision", s.precision), ("train.compile", compiled),
+                       ("train.compile_scope", s.compile_scope), ("train.compile_mode", s.compile_mode),
+                       ("model.attn_backend", attn_backend), ("alignment.backend", s.alignment_backend)):
+        if value is not None:
+            case.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return load_config(s.config, [*BENCH_DEFAULTS, *s.overrides, *case])
 
 
-def _build_model(phase: str, work: Workload, attn_backend: str, z_dims: Sequence[int]) -> torch.nn.Module:
-    from erw_fast.models import build_sit, build_sit_phase1
+def _variants(s: TrainSettings, base: Config) -> list[tuple[str, bool, str]]:
+    """(label, compiled, attention backend) of each fast variant, then the reference."""
+    from erw_fast.models import resolve_attention_backend
 
-    kwargs = dict(work.overrides(), num_classes=work.num_classes, projector_dim=work.projector_dim,
-                  attn_backend=attn_backend, z_dims=list(z_dims) if phase != "sit" else [])
-    if phase == "warmup":
-        return build_sit_phase1(work.model, work.warmup_blocks(), **kwargs)
-    return build_sit(work.model, encoder_depth=work.alignment_depth(), **kwargs)
+    compiles = {"off": [False], "on": [True], "both": [False, True], None: [base.train.compile]}[s.compile]
+    backends = [b if b == "measure" else resolve_attention_backend(b)
+                for b in (s.attn_backends or [base.model.attn_backend])]
+    out = []
+    for backend in backends:
+        for compiled in compiles:
+            label = "fast+compile" if compiled else "fast"
+            out.append((f"{label}@{backend}" if len(backends) > 1 else label, compiled, backend))
+    return out + ([("reference", False, "sdpa")] if s.reference_step else [])
+
+
+def guard_cpu(s: TrainSettings, device: torch.device, limit: float) -> None:
+    """Refuse real-size configurations on CPU: one SiT-XL/2 step there takes many minutes."""
+    if device.type != "cpu":
+        return
+    worst = max(F.step_flops(bench_config(s, p, b, device), p)["total"] for p in s.phases for b in s.batches)
+    if worst > limit:
+        raise ValueError(
+            f"on CPU one step of this configuration is {worst / 1e12:.1f} TFLOP, too slow here (limit "
+            f"{limit / 1e12:.1f} TFLOP, --cpu-flop-limit); pick a tiny configuration (model.depth/hidden_size/"
+            "num_heads/input_size, encoder.names=[demo-vit-t] encoder.resolution=64) or run on a GPU"
+        )
 
 
 def _reference_cosine_loop(zs: Sequence[torch.Tensor], zs_tilde: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -154,156 +181,6 @@ def _reference_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -
         ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
-def _precision(s: TrainSettings, device: torch.device) -> str:
-    if s.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return s.precision
-
-
-def _autocast(precision: str, device: torch.device) -> Any:
-    from erw_fast.runtime import autocast_context
-
-    return autocast_context(precision, device)
-
-
-def _bench_variant(
-    s: TrainSettings, phase: str, batch: int, variant: str, device: torch.device, encoders: list[Any],
-    host: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> dict[str, Any]:
-    from erw_fast.data.device_prefetch import SideStreamStager
-    from erw_fast.ema import EMA
-    from erw_fast.objectives import AlignmentObjective, Interpolant, diffusion_loss, phase1_loss
-
-    work = s.work
-    reference = variant == "reference"
-    aligns = phase != "sit"
-    z_dims = work.z_dims()
-    torch.manual_seed(s.seed)
-    attention = _variant_backend(s, variant)
-    model = _build_model(phase, work, attention, z_dims).to(device).train()
-    if variant.split("@")[0] == "fast+compile":
-        from erw_fast.compile import compile_model
-
-        train_model = compile_model(model, s.compile_scope, s.compile_mode)
-    else:
-        train_model = model
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.type == "cuda"
-    if reference:  # torch's default AdamW (foreach on CUDA), fp16 autocast + GradScaler, per-parameter EMA
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-        precision = "fp16"
-        ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-
-        def ema_update() -> None:
-            _reference_ema(ema_model, model, s.ema_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, fused=cuda or None,
-                                      foreach=None if cuda else True)
-        precision = _precision(s, device)
-        ema = EMA(model, s.ema_decay)
-        ema_update = ema.update
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    interpolant = Interpolant("linear")
-    alignment = AlignmentObjective(work.objective, negatives=work.negatives, backend=s.alignment_backend)
-
-    def copy_batch() -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(device, non_blocking=True) for t in host)
-
-    # The trainer stages the next batch on a side stream (data.device_prefetch); the reference copies in the step.
-    batches = iter(copy_batch, None) if reference else SideStreamStager(copy_batch, device)
-
-    def step(timer: RegionTimer | None) -> torch.Tensor:
-        mark = timer.mark if timer is not None else (lambda _name: None)
-        if timer is not None:
-            timer.start()
-        images, latents, labels = next(batches)
-        mark("data")
-        feats = None
-        if aligns:
-            if reference:  # the teacher in fp32, outside autocast
-                feats = [enc(images) for enc in encoders]
-            else:
-                with _autocast(precision, device):
-                    feats = [enc(images) for enc in encoders]
-        mark("encoder")
-        with _autocast(precision, device):
-            if reference:
-                loss = _reference_loss(train_model, phase, latents, labels, feats, interpolant, s.alignment_weight)
-            elif phase == "warmup":
-                loss = phase1_loss(train_model, latents, labels, feats, alignment)
-            else:
-                loss = diffusion_loss(train_model, latents, labels, interpolant, encoder_features=feats,
-                                      alignment=alignment if aligns else None,
-                                      alignment_weight=s.alignment_weight).loss
-        mark("forward")
-        scaler.scale(loss).backward()
-        mark("backward")
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        mark("optimizer")
-        ema_update()
-        mark("ema")
-        return loss.detach()
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(s.warmup):
-        step(None)
-    if cuda:
-        torch.cuda.synchronize(device)
-    timer = RegionTimer(device)
-    monitor = GpuMonitor(device.index or 0) if cuda else None
-    started = time.perf_counter()
-    loss = torch.zeros(())
-    with monitor if monitor is not None else contextlib.nullcontext():
-        for _ in range(s.steps):
-            loss = step(timer)
-        if cuda:
-            torch.cuda.synchronize(device)
-    wall = time.perf_counter() - started
-    per_step = timer.results()
-    trace = _profile(step, s, device, f"{phase}_{variant}_b{batch}") if s.profile_dir else None
-    step_times = [sum(r.values()) for r in per_step]
-    flop = work.step_breakdown(phase, batch).training()
-    median = statistics.median(step_times)
-    peak = device_info(device)["peak_bf16_tflops"] if cuda else None
-    achieved = flop / median / 1e12
-    result = {
-        "phase": phase, "variant": variant, "batch": batch, "status": "ok", "steps": s.steps,
-        "precision": precision, "attention": attention,
-        "img_per_s": batch * s.steps / wall, "step_time_s": wall / s.steps, "step_time_median_s": median,
-        "breakdown_median_s": {k: statistics.median(r.get(k, 0.0) for r in per_step) for k in REGIONS},
-        "gflops_per_step": flop / 1e9, "achieved_tflops": achieved,
-        "mfu": achieved / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-        "final_loss": float(loss.float().cpu()),
-        "gpu_telemetry": monitor.summary() if monitor is not None else gpu_telemetry_unavailable(device.type),
-        "trace": trace,
-        "raw": {"wall_s": wall, "step_times_s": step_times, "region_times_s": per_step},
-    }
-    return result
-
-
-def _profile(step: Any, s: TrainSettings, device: torch.device, name: str) -> str:
-    """A few more steps under torch.profiler, with the step regions as named ranges; returns the Chrome trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    timer = RegionTimer(device, ranges=True, label=f"{name}/")
-    with profile(activities=activities) as prof:
-        for _ in range(s.profile_steps):
-            step(timer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    out = Path(s.profile_dir) / f"trace_{_slug(name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(out))
-    return str(out)
-
-
 def _reference_loss(
     model: torch.nn.Module, phase: str, latents: torch.Tensor, labels: torch.Tensor,
     feats: list[torch.Tensor] | None, interpolant: Any, weight: float,
@@ -322,15 +199,187 @@ def _reference_loss(
     return loss
 
 
-def _host_batch(work: Workload, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Step = Callable[[int, "RegionTimer | None"], torch.Tensor]  # (step index, timer) → the step's loss
+
+
+@dataclass
+class BenchStep:
+    run: Step
+    describe: str  # the engine, or what the reference imitation does
+    close: Callable[[], None]
+    engine: Any = None  # the trainer's engine (fast variants)
+
+
+def trainer_step(config: Config, phase_name: str, teacher: Any, device: torch.device, batches: Any) -> BenchStep:
+    """The trainer's step: its phase, model, engine and ``TrainStep``, built from ``config`` as the trainer does
+    (one process: the model is initialised from the current RNG state, as ``Trainer.run`` seeds it)."""
+    from erw_fast.engines import LocalEngine
+    from erw_fast.objectives import resolve_alignment_backend
+    from erw_fast.phases import plan_phases
+    from erw_fast.runtime import DistEnv
+    from erw_fast.step import BatchPlan, TrainStep
+
+    env = DistEnv(rank=0, local_rank=device.index or 0, world_size=1, device=device)
+    plan = BatchPlan.derive(config, 1)
+    backend = resolve_alignment_backend(config.alignment.backend, torch.empty(0, device=device))
+    phase = next(p for p in plan_phases(config, teacher, backend) if p.name == phase_name)
+    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims)).to(device)
+    engine = LocalEngine(model, config, env, plan.accumulation)
+    model.train()
+    train_step = TrainStep.for_run(config, plan, env)
+
+    def step(i: int, timer: RegionTimer | None) -> torch.Tensor:
+        region = timer.region if timer is not None else (lambda _name: None)
+        if timer is not None:
+            timer.start()
+        region("data")
+        totals = train_step(engine, phase, phase.start + i, next(batches), region)
+        if timer is not None:
+            timer.stop()
+        return totals["loss"]
+
+    return BenchStep(step, engine.describe(), engine.close, engine)
+
+
+def reference_step(config: Config, phase_name: str, teacher: Any, device: torch.device,
+                   copy_batch: Callable[[], dict[str, torch.Tensor]]) -> BenchStep:
+    """The reference code's way of running the step, on the same model: torch's default AdamW, fp16 autocast +
+    GradScaler, the teacher in fp32 outside autocast, the per-sample alignment loop, a per-parameter EMA."""
+    from erw_fast.objectives import Interpolant
+    from erw_fast.phases import plan_phases
+    from erw_fast.runtime import autocast_context
+
+    phase = next(p for p in plan_phases(config, teacher, "torch") if p.name == phase_name)
+    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims, "sdpa")).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = config.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    interpolant = Interpolant(config.diffusion.path_type)
+    weight = config.alignment.weight
+
+    def step(i: int, timer: RegionTimer | None) -> torch.Tensor:
+        mark = timer.region if timer is not None else (lambda _name: None)
+        if timer is not None:
+            timer.start()
+        mark("data")
+        batch = copy_batch()  # the reference copies in the step
+        mark("encoder")
+        feats = [enc(batch["images"].float()) for enc in teacher.encoders] if phase.aligns else None
+        mark("forward")
+        with autocast_context("fp16", device):
+            loss = _reference_loss(model, phase_name, batch["latents"], batch["labels"], feats, interpolant, weight)
+        mark("backward")
+        scaler.scale(loss).backward()
+        mark("optimizer")
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        mark("ema")
+        _reference_ema(ema_model, model, o.ema_decay)
+        if timer is not None:
+            timer.stop()
+        return loss.detach()
+
+    return BenchStep(step, "reference imitation: torch AdamW (default), fp16 + GradScaler, per-parameter EMA",
+                     lambda: None)
+
+
+def _bench_variant(s: TrainSettings, phase: str, batch: int, variant: tuple[str, bool, str], device: torch.device,
+                   teacher: Any, host: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from erw_fast.data.device_prefetch import SideStreamStager
+
+    label, compiled, attention = variant
+    reference = label == "reference"
+    config = bench_config(s, phase, batch, device, compiled, None if reference else attention)
+    if not reference and attention == "measure":
+        from erw_fast.models.attention_select import measured_backend_for_run
+
+        attention = measured_backend_for_run(config.model.sit_kwargs(), batch, config.train.precision, device, 1,
+                                             lambda line: print(line, file=sys.stderr))
+        config = bench_config(s, phase, batch, device, compiled, attention)
+
+    def copy_batch() -> dict[str, torch.Tensor]:
+        return {k: t.to(device, non_blocking=True) for k, t in host.items()}
+
+    torch.manual_seed(s.seed)
+    if reference:
+        built = reference_step(config, phase, teacher, device, copy_batch)
+        precision = "fp16"
+    else:
+        # The trainer stages the next batch on a side stream (data.device_prefetch); the reference copies in the step.
+        built = trainer_step(config, phase, teacher, device, SideStreamStager(copy_batch, device))
+        precision = config.train.precision
+    step = built.run
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(s.warmup):
+        step(i, None)
+    if cuda:
+        torch.cuda.synchronize(device)
+    timer = RegionTimer(device)
+    monitor = GpuMonitor(device.index or 0) if cuda else None
+    started = time.perf_counter()
+    loss = torch.zeros(())
+    with monitor if monitor is not None else contextlib.nullcontext():
+        for i in range(s.warmup, s.warmup + s.steps):
+            loss = step(i, timer)
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - started
+    per_step = timer.results()
+    trace = _profile(step, s, device, f"{phase}_{label}_b{batch}") if s.profile_dir else None
+    built.close()
+    step_times = [sum(r.values()) for r in per_step]
+    flop = F.step_flops(config, phase)["total"]
+    median = statistics.median(step_times)
+    peak = device_info(device)["peak_bf16_tflops"] if cuda else None
+    achieved = flop / median / 1e12
+    return {
+        "phase": phase, "variant": label, "batch": batch, "status": "ok", "steps": s.steps,
+        "precision": precision, "attention": attention, "engine": built.describe,
+        "img_per_s": batch * s.steps / wall, "step_time_s": wall / s.steps, "step_time_median_s": median,
+        "breakdown_median_s": {k: statistics.median(r.get(k, 0.0) for r in per_step) for k in REGIONS},
+        "gflops_per_step": flop / 1e9, "achieved_tflops": achieved,
+        "mfu": achieved / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "final_loss": float(loss.float().cpu()),
+        "gpu_telemetry": monitor.summary() if monitor is not None else gpu_telemetry_unavailable(device.type),
+        "trace": trace,
+        "raw": {"wall_s": wall, "step_times_s": step_times, "region_times_s": per_step},
+    }
+
+
+def _profile(step: Step, s: TrainSettings, device: torch.device, name: str) -> str:
+    """A few more steps under torch.profiler, with the step regions as named ranges; returns the Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    timer = RegionTimer(device, ranges=True, label=f"{name}/")
+    with profile(activities=activities) as prof:
+        for i in range(s.profile_steps):
+            step(s.warmup + s.steps + i, timer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out = Path(s.profile_dir) / f"trace_{_slug(name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out))
+    return str(out)
+
+
+def _host_batch(config: Config, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     """A synthetic batch in host memory (pinned on CUDA); each step copies it: the "data" region."""
+    m = config.model
     g = torch.Generator().manual_seed(1234)
-    images = torch.randint(0, 256, (batch, 3, work.resolution, work.resolution), generator=g, dtype=torch.uint8)
-    latents = torch.randn(batch, work.in_channels, work.input_size, work.input_size, generator=g)
-    labels = torch.randint(0, work.num_classes, (batch,), generator=g)
-    if device.type == "cuda":
-        images, latents, labels = images.pin_memory(), latents.pin_memory(), labels.pin_memory()
-    return images, latents, labels
+    size = config.data.image_size
+    out = {"images": torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8),
+           "latents": torch.randn(batch, m.in_channels, m.input_size, m.input_size, generator=g),
+           "labels": torch.randint(0, m.num_classes, (batch,), generator=g)}
+    return {k: v.pin_memory() for k, v in out.items()} if device.type == "cuda" else out
 
 
 def _free(device: torch.device) -> None:
@@ -347,52 +396,52 @@ def run_train_benchmark(
     Batches are the outer loop, so a run cut short still has both phases (the Phase-1 ratio) of the first
     batch; ``on_result(document so far)`` runs after every measurement (the CLI writes it to disk).
     """
-    from erw_fast.encoders import check_token_count, load_encoders
+    from erw_fast.encoders.teacher import Teacher, load_teacher
 
     device = resolve_device(s.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     for phase in s.phases:
         F.check_phase(phase)
-    work = s.work
-    encoders: list[Any] = []
-    if any(p != "sit" for p in s.phases):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s.seed + 7919)
-            encoders = load_encoders(work.encoders, resolution=work.resolution, pretrained=False, device=device)
-        for enc in encoders:
-            check_token_count(enc.num_patches(), work.shape().tokens, enc.name)
-    header = _header(s, device)
+    base = bench_config(s, s.phases[0], s.batches[0], device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = base.train.tf32
+    teacher = Teacher()
+    if any(p != "sit" for p in s.phases):  # loaded once (with a fixed seed, as the trainer does)
+        aligned = bench_config(s, next(p for p in s.phases if p != "sit"), s.batches[0], device)
+        teacher = load_teacher(aligned, device, aligned.model.num_tokens(), lambda line: print(line, file=sys.stderr))
+    variants = _variants(s, base)
+    header = _header(s, base, device, variants)
     results: list[dict[str, Any]] = []
     for batch in s.batches:
-        host = _host_batch(work, batch, device)
+        host = _host_batch(base, batch, device)
         for phase in s.phases:
-            for variant in _variants(s):
+            for variant in variants:
+                label = variant[0]
                 try:
-                    results.append(_bench_variant(s, phase, batch, variant, device, encoders, host))
+                    results.append(_bench_variant(s, phase, batch, variant, device, teacher, host))
                 except torch.cuda.OutOfMemoryError:
-                    results.append({"phase": phase, "variant": variant, "batch": batch, "status": "oom"})
+                    results.append({"phase": phase, "variant": label, "batch": batch, "status": "oom"})
                 finally:
                     _free(device)
                 r = results[-1]
                 if r["status"] == "ok":
-                    print(f"[{phase} {variant} b={batch}] {r['img_per_s']:.1f} img/s, "
+                    print(f"[{phase} {label} b={batch}] {r['img_per_s']:.1f} img/s, "
                           f"{r['step_time_median_s'] * 1e3:.1f} ms/step, {r['achieved_tflops']:.3f} TFLOP/s",
                           file=sys.stderr)
                 else:
-                    print(f"[{phase} {variant} b={batch}] {r['status']}", file=sys.stderr)
+                    print(f"[{phase} {label} b={batch}] {r['status']}", file=sys.stderr)
                 if on_result is not None:
                     on_result(_document(header, list(results)))  # a snapshot: results grows on
     return _document(header, results)
 
 
-def _header(s: TrainSettings, device: torch.device) -> dict[str, Any]:
+def _header(s: TrainSettings, base: Config, device: torch.device,
+            variants: list[tuple[str, bool, str]]) -> dict[str, Any]:
     """The parts of the document that do not change during the run (the device probed once)."""
     return {
         "benchmark": "train",
         "device": device_info(device),
-        "settings": {**asdict(s), "variants": _variants(s), "precision_resolved": _precision(s, device),
+        "settings": {**asdict(s), "variants": [v[0] for v in variants], "model": base.model.name,
+                     "precision_resolved": base.train.precision, "config_resolved": base.to_dict(),
+                     "timed_function": "erw_fast.step.TrainStep.__call__ (what the trainer calls)",
                      "flop_convention": "analytic matmul FLOPs (erw_fast.flops, 2 per multiply-add), fwd+bwd of "
                                         "the trained parts + teacher forward; MFU against the dense bf16 peak",
                      "data_staging": "fast variants: the next batch copied on a side CUDA stream during the step "
@@ -453,15 +502,15 @@ def _telemetry_cells(t: dict[str, Any]) -> list[str]:
 def render_train_markdown(doc: dict[str, Any]) -> str:
     dev = doc["device"]
     s = doc["settings"]
-    w = s["work"]
     lines = [
-        f"# Training throughput: {w['model']} on {dev['name']} ({dev['type']})",
+        f"# Training throughput: {s['model']} on {dev['name']} ({dev['type']})",
         "",
         f"torch {doc['versions']['torch']}, CUDA {doc['versions']['cuda']}; precision {s['precision_resolved']} "
         f"(reference: fp16 + GradScaler); {s['steps']} timed steps after {s['warmup']} untimed. Step-time regions "
         f"are medians (ms); peak: {dev['peak_bf16_tflops'] or 'n/a'} TFLOP/s. FLOPs: {s['flop_convention']}. "
         "SM MHz / W: medians sampled by NVML every 0.1 s during the timed steps (% of the maximum SM clock). "
-        f"Data: {s.get('data_staging', 'copied in the step')}.",
+        f"Data: {s.get('data_staging', 'copied in the step')}. Fast variants time "
+        f"{s.get('timed_function', 'their own step')}.",
         "",
     ]
     header = ["phase", "variant", "batch", "img/s", "step ms", *REGIONS, "GFLOP/step", "TFLOP/s", "MFU", "peak GiB",
@@ -516,8 +565,8 @@ def train_figure(doc: dict[str, Any]) -> Any:
     ax.set_yticks(ys, [f"{r['phase']} {r['variant']} b={r['batch']}" for r in rows], fontsize=8)
     ax.set_xlabel("median step time (ms), by region")
     ax.set_xlim(0, max(left, default=1.0) * 1.35)  # room for the annotations
-    dev, w = doc["device"], doc["settings"]["work"]
-    ax.set_title(f"{w['model']} training step on {dev['name']}", fontsize=10)
+    dev = doc["device"]
+    ax.set_title(f"{doc['settings']['model']} training step on {dev['name']}", fontsize=10)
     ax.legend(fontsize=8, ncol=len(REGIONS), loc="lower center", bbox_to_anchor=(0.5, 1.08))
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()

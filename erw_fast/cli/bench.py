@@ -5,7 +5,7 @@ running the same step.
     erw-bench cost                                   # ERW Fig. 4: SiT-XL/2, batch 256, DINOv2-B, 100K budget
     erw-bench cost --measure --model SiT-S/2 --input-size 8 --depth 2 --hidden 64 --heads 2 \\
         --encoder demo-vit-t --resolution 64 --batch 4     # + timed steps per phase on this device
-    erw-bench train --model SiT-XL/2 --batch 32 64 --compile both --reference-step
+    erw-bench train --config configs/erw_sit_xl2.yaml --batch 32 64 --compile both --reference-step
 
 FLOPs are analytic (``erw_fast.flops``: 2 FLOPs per multiply-add, matmul FLOPs only). Timings are measured on the
 device the command runs on and written with its name; on CPU no MFU is reported.
@@ -23,7 +23,6 @@ from erw_fast.bench.common import Workload, _slug, _write_json, device_info, pea
 from erw_fast.bench.cost import (
     _parse_splits,
     cost_analysis,
-    guard_cpu,
     measure_phases,
     plot_cost,
     reconstruct_paper,
@@ -35,6 +34,8 @@ from erw_fast.bench.train import (
     TrainSettings,
     _reference_cosine_loop,
     _reference_ema,
+    bench_config,
+    guard_cpu,
     plot_train,
     render_train_markdown,
     run_train_benchmark,
@@ -112,24 +113,28 @@ def cmd_cost(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from erw_fast.models import resolve_attention_backend
 
-    try:
-        attn_backends = list(dict.fromkeys(resolve_attention_backend(name) for name in args.attn_backend))
-    except RuntimeError as error:  # a backend that cannot run here is a usage error, not a crash
-        raise ValueError(str(error)) from error
+    attn_backends = None
+    if args.attn_backend:
+        try:
+            attn_backends = list(dict.fromkeys(name if name == "measure" else resolve_attention_backend(name)
+                                               for name in args.attn_backend))
+        except RuntimeError as error:  # a backend that cannot run here is a usage error, not a crash
+            raise ValueError(str(error)) from error
     settings = TrainSettings(
-        work=_workload(args), phases=[p.strip() for p in args.phases.split(",") if p.strip()], batches=args.batch,
+        config=args.config, overrides=list(args.overrides),
+        phases=[p.strip() for p in args.phases.split(",") if p.strip()], batches=args.batch,
         steps=args.steps, warmup=args.warmup, device=args.device, precision=args.precision, compile=args.compile,
         compile_scope=args.compile_scope, compile_mode=args.compile_mode, profile_dir=args.profile,
-        profile_steps=args.profile_steps,
-        attn_backends=attn_backends, alignment_backend=args.alignment_backend,
+        profile_steps=args.profile_steps, attn_backends=attn_backends, alignment_backend=args.alignment_backend,
         reference_step=args.reference_step, seed=args.seed,
     )
     if settings.steps < 1:
         raise ValueError("--steps must be ≥ 1")
-    guard_cpu(settings.work, settings.phases, settings.batches, resolve_device(settings.device), args.cpu_flop_limit)
+    device = resolve_device(settings.device)
+    guard_cpu(settings, device, args.cpu_flop_limit)
     out = Path(args.out)
-    device_name = device_info(resolve_device(settings.device))["name"]
-    name = args.name or f"train_{_slug(device_name)}_{_slug(settings.work.model)}"
+    model = bench_config(settings, settings.phases[0], settings.batches[0], device).model.name
+    name = args.name or f"train_{_slug(device_info(device)['name'])}_{_slug(model)}"
 
     def write(doc: dict) -> str:  # after every measurement too: a time limit never loses finished cases
         _write_json(out / f"{name}.json", doc)
@@ -165,27 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     cost.set_defaults(func=cmd_cost)
 
     train = sub.add_parser("train", help="training throughput per phase: img/s, breakdown, TFLOP/s, MFU")
-    _add_workload_args(train, batch_default=None)
-    train.add_argument("--batch", type=int, nargs="+", default=[32], help="local batch sizes to sweep")
+    train.add_argument("--config", default=None, help="a YAML config, as train.py takes it (default: the "
+                                                      "built-in defaults, SiT-XL/2 + DINOv2-B)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. model.name=SiT-B/2")
+    train.add_argument("--batch", type=int, nargs="+", default=[32], help="batch sizes to sweep (one device)")
     train.add_argument("--phases", default="warmup,full", help="comma-separated: warmup, full, repa, sit")
     train.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     train.add_argument("--device", default="auto")
-    train.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                       help="auto: bf16 on CUDA, fp32 on CPU")
-    train.add_argument("--compile", choices=("off", "on", "both"), default="off", help="eager, compiled, or both")
-    train.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
-                       help="regional (each SiT block) or whole-model compilation")
-    train.add_argument("--compile-mode", default="default",
+    train.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                       help="default: the config's train.precision")
+    train.add_argument("--compile", choices=("off", "on", "both"), default=None,
+                       help="eager, compiled, or both (default: the config's train.compile)")
+    train.add_argument("--compile-scope", choices=("blocks", "model"), default=None,
+                       help="regional (each SiT block) or whole-model compilation (default: the config's)")
+    train.add_argument("--compile-mode", default=None,
                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     train.add_argument("--profile", default=None, metavar="DIR",
                        help="also profile a few steps per measurement: Chrome traces with a range per step "
                             "region (NVTX ranges on CUDA for Nsight Systems)")
     train.add_argument("--profile-steps", type=int, default=3)
-    train.add_argument("--attn-backend", nargs="+", default=["auto"],
+    train.add_argument("--attn-backend", nargs="+", default=None,
                        help="one or more of auto | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | math | flash_attn "
-                            "| xformers; several are swept, each its own variant (fast@<backend>)")
-    train.add_argument("--alignment-backend", choices=("auto", "torch", "triton"), default="auto")
+                            "| xformers | measure; several are swept, each its own variant (fast@<backend>); "
+                            "default: the config's model.attn_backend")
+    train.add_argument("--alignment-backend", choices=("auto", "torch", "triton"), default=None,
+                       help="default: the config's alignment.backend")
     train.add_argument("--reference-step", action="store_true",
                        help="also time the reference's way of running the step (per-sample alignment loop, fp16 "
                             "+ GradScaler, eager, per-parameter EMA, fp32 teacher) and report the speed-up")

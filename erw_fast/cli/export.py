@@ -15,7 +15,7 @@ from erw_fast.engines.deepspeed_files import trainer_checkpoint_weights
 
 
 def export(path: Path, out_dir: Path | None) -> list[Path]:
-    from erw_fast.trainer import export_consolidated, reference_args
+    from erw_fast.checkpoint_state import export_consolidated, reference_args
 
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
