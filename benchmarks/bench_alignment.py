@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from erw_fast.bench.common import time_ms  # noqa: E402
+from erw_fast.envinfo import device_name, versions  # noqa: E402
 
 TEMPERATURE = 0.1
 TOKENS = 256  # T for both benchmarks; NT-Xent's B is M / T
@@ -335,34 +335,9 @@ def _summary_line(record: dict) -> str:
     return f"{head} fwd {med['fwd']:9.3f} ms  bwd {med['bwd']:9.3f} ms  fwd+bwd {med['fwd_bwd']:9.3f} ms"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"cpu ({platform.processor() or platform.machine()})"
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(device.index or 0))
-        return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # pynvml missing or unusable: fall back to the CUDA runtime's name
-        return torch.cuda.get_device_name(device)
-
-
 def environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(
-        device=device_name(device),
-        torch=torch.__version__,
-        triton=triton_version,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        platform=platform.platform(),
-    )
+    """The device's name and the versions, Triton's included (the kernels measured here)."""
+    return {"device": device_name(device), **versions("triton", import_missing=True)}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from erw_fast.envinfo import device_name, versions
 
 ENGINES = ("ddp", "zero0", "zero1", "zero2")
 
@@ -77,12 +78,6 @@ def time_engine(args: argparse.Namespace, engine: str, out_dir: Path) -> dict:
             "peak_memory_gib": memory, "build_s": trainer.engine_build_s}
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SiT-XL/2")
@@ -104,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [time_engine(args, engine, args.scratch) for engine in args.engines]
     report = {
-        "device": device_name(args.device), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-        "cuda": torch.version.cuda, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
+        "device": device_name(args.device), **versions("deepspeed"),
+        "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"engines_{'gpu' if args.device.startswith('cuda') else 'cpu'}"

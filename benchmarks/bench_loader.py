@@ -53,6 +53,7 @@ from erw_fast.data.shards import (
     sample_key,
     shard_name,
 )
+from erw_fast.envinfo import cpu_name, device_name, module_version
 
 SIZE, LATENT, FEATURES = 256, 32, (256, 768)
 NUM_CLASSES = 1000
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                      "page_cache": "warm (each case's files are read once right before it is measured)",
                      "quick": args.quick, "excluded": "latent sampling (on the GPU in training)",
                      "device": str(device),
-                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                     "gpu": device_name(device) if device.type == "cuda" else None},
         "bytes_per_sample": sizes,
         "cases": [{k: v for k, v in c.items() if k not in ("images", "image", "features", "dataset")} | {
             "images": c.get("images", c.get("image")), "features": c["features"]} for c in cases],
@@ -372,36 +373,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = None
     try:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
     except (OSError, ValueError, IndexError):
         pass
-    return {"cpu_model": model, "logical_cpus": os.cpu_count(), "memory_mib": mem, "platform": platform.platform(),
+    return {"cpu_model": cpu_name(), "logical_cpus": os.cpu_count(), "memory_mib": mem, "platform": platform.platform(),
             "python": platform.python_version()}
 
 
 def _versions() -> dict[str, str]:
-    import PIL
-    import webdataset
-
-    v = {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-         "webdataset": webdataset.__version__}
-    try:
-        import nvidia.dali
-
-        v["nvidia-dali"] = nvidia.dali.__version__
-    except ImportError:
-        pass
-    return v
+    """The loader's libraries under their distribution names; DALI only where it is installed."""
+    modules = {"torch": "torch", "numpy": "numpy", "pillow": "PIL", "webdataset": "webdataset",
+               "nvidia-dali": "nvidia.dali"}
+    found = {name: module_version(module, import_missing=True) for name, module in modules.items()}
+    return {name: version for name, version in found.items() if version is not None}
 
 
 def markdown(report: dict[str, Any]) -> str:

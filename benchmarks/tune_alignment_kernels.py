@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from erw_fast.kernels.tiles import LogitTiles  # noqa: E402
 
 from erw_fast.atomic import atomic_write_text  # noqa: E402
 from erw_fast.bench.common import time_ms  # noqa: E402
+from erw_fast.envinfo import versions  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CANDIDATES = tiles.TUNING_CANDIDATES
@@ -130,12 +130,12 @@ def winners(records: Sequence[dict]) -> dict[str, str]:
     return {key: r["tiles"] for key, r in sorted(best.items())}
 
 
-def merge_table(path: Path, device_name: str, entries: dict[str, str], versions: dict) -> None:
+def merge_table(path: Path, device_name: str, entries: dict[str, str], measured_with: dict) -> None:
     """Add this GPU's winners to the tuned-tiles table (other GPUs' entries are kept)."""
     data = json.loads(path.read_text()) if path.is_file() else {"devices": {}}
     device = data["devices"].setdefault(device_name, {"tiles": {}})
     device["tiles"].update(entries)
-    device["measured_with"] = versions
+    device["measured_with"] = measured_with
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
@@ -170,18 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--rows {args.rows} must be a multiple of --tokens {args.tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     candidates = {k: args.candidates for k in tiles.KERNELS} if args.candidates else CANDIDATES
+    # torch's name, not NVML's: the table is looked up by it (kernels/tiles.py).
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    measured_with = versions("triton")
     settings = vars(args) | {"out": str(args.out), "table": str(args.table) if args.table else None}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(records: list[dict]) -> dict[str, str]:
         best = winners(records)
-        payload = dict(device=name, versions=versions, settings=settings, records=records)
+        payload = dict(device=name, versions=measured_with, settings=settings, records=records)
         (args.out / "tune_alignment.json").write_text(json.dumps(payload, indent=1) + "\n")
         (args.out / "tune_alignment.md").write_text(f"# Tile tuning on {name}\n\n" + markdown(records, best))
         if args.table and best:
-            merge_table(args.table, name, best, versions)
+            merge_table(args.table, name, best, measured_with)
         return best
 
     records = tune(

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import triton
 
+from erw_fast.envinfo import versions
+
 from .launch import Launch, recording
 from .tiles import planning_for
 
@@ -311,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_table(reports))
     if args.json:
         payload = {
-            "versions": {"triton": triton.__version__, "torch": torch.__version__},
+            "versions": versions("triton"),
             "settings": {"batch": args.batch, "tokens": args.tokens},
             "arches": {a: asdict(ARCHES[a]) for a in args.arch},
             "launches": [asdict(r) for r in reports],

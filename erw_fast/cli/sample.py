@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import shutil
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ import torch.distributed as dist
 
 from erw_fast.atomic import atomic_write, atomic_write_text
 from erw_fast.cli import run_cli
+from erw_fast.doctor import package_version
+from erw_fast.envinfo import versions
 
 SAMPLES_FILE = "samples.npz"
 PROTOCOL_FILE = "protocol.json"
@@ -61,19 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT forward")
     p.add_argument("--device", default="auto")
     return p
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for pkg in ("erw-fast", "diffusers", "timm"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    out["cuda"] = torch.version.cuda or "none"
-    return out
 
 
 def _labels(generator: torch.Generator, global_idx: torch.Tensor, num_classes: int, balanced: bool,
@@ -244,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tf32": bool(args.tf32),
             "compile": bool(args.compile),
             "device": str(env.device),
-            "versions": _versions(),
+            "versions": versions("numpy", "diffusers", "timm") | {"erw-fast": package_version("erw-fast")},
         }
         if args.balanced_labels:
             protocol["note"] = "balanced labels differ from the reference protocol (uniform random labels)"
