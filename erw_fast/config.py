@@ -365,6 +365,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def validate(config: Config) -> None:
     """Cross-field checks, each naming the keys involved."""
+    from erw_fast.kernels._utils import check_temperature
     from erw_fast.models.sit import SIT_SIZES, parse_model_name
 
     try:
@@ -397,8 +398,10 @@ def validate(config: Config) -> None:
                 f"encoder.weights_paths has {len(config.encoder.weights_paths)} entries for "
                 f"{len(config.encoder.names)} encoders"
             )
-    if not align.temperature > 0:
-        raise ConfigError(f"alignment.temperature must be > 0, got {align.temperature}")
+    try:
+        check_temperature(align.temperature)
+    except ValueError as error:
+        raise ConfigError(f"alignment.{error}") from None
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs two values, got {config.optim.betas}")
     if not 0 <= config.optim.ema_decay < 1:

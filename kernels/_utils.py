@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -41,6 +42,13 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> T
     result instead of silently reading whatever memory `torch.empty` happened to return.
     """
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_temperature(temperature: float) -> float:
+    """The softmax temperature of NT-Xent: a finite number > 0 (every layer that takes one checks it here)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return temperature
 
 
 def check_pair(proj: Tensor, target: Tensor) -> None:

@@ -818,8 +818,7 @@ def nt_xent_triton(
     """
     _utils.check_pair(proj, target)
     _utils.check_runnable(proj.device, _INTERPRETED)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _utils.check_temperature(temperature)
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     precision = _utils.resolve_input_precision(input_precision)

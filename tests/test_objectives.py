@@ -101,7 +101,7 @@ def test_cosine_loss_is_vectorised_reference_loop_and_fp32_under_autocast():
 def test_alignment_input_errors():
     with pytest.raises(ValueError, match=r"projection \(2, 4, 8\) and target \(2, 5, 8\)"):
         repa_cosine_loss(torch.randn(2, 4, 8), torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
         nt_xent_loss(torch.randn(1, 2, 3), torch.randn(1, 2, 3), temperature=0)
     with pytest.raises(ValueError, match="unknown negatives 'global'"):
         nt_xent_loss(torch.randn(1, 2, 3), torch.randn(1, 2, 3), negatives="global")

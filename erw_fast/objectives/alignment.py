@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from erw_fast.kernels._utils import check_temperature
+
 ALIGNMENT_BACKENDS = ("auto", "torch", "triton")
 NEGATIVE_SETS = ("batch", "position")
 
@@ -143,8 +145,7 @@ def nt_xent_loss(
     ``"position"``: the same token position in the B images. Loss = mean_i [logsumexp_j s_ij − s_ii] with
     s_ij = q_i·k_j/τ; ``symmetric`` averages it with the loss with q and k swapped.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if negatives not in NEGATIVE_SETS:
         raise ValueError(f"unknown negatives {negatives!r}; choose one of {NEGATIVE_SETS}")
     pairs = _pairs(proj, target)
