@@ -496,15 +496,5 @@ def split_totals(
     return rows
 
 
-def format_flops(value: float, unit: str = "G") -> str:
-    """Human-readable: 224800e9 → '224.8K' GFLOPs style (value in FLOPs, printed in ``unit`` FLOPs)."""
-    scale = {"G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}[unit]
-    v = value / scale
-    for suffix, factor in (("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9)):
-        if abs(v) < 1e3 * factor or suffix == "G":
-            return f"{v / factor:.1f}{suffix}"
-    return f"{v:.3g}"  # pragma: no cover
-
-
 def relative_error(value: float, reference: float) -> float:
     return abs(value - reference) / abs(reference) if reference else math.inf

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-ImageFormat = Literal["png", "jpg", "raw"]
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg", "raw")
 # Tar member extension of the image per format (webdataset picks decoders by extension).
 IMAGE_MEMBER: dict[str, str] = {"png": "png", "jpg": "jpg", "raw": "img.npy"}

@@ -10,7 +10,6 @@ from erw_fast.evaluation.evaluator import (
     evaluate_batches,
     read_npz_images,
     reference_statistics,
-    save_reference_batch,
 )
 from erw_fast.evaluation.fid import (
     GaussianStats,
@@ -48,7 +47,6 @@ __all__ = [
     "pool_features",
     "read_npz_images",
     "reference_statistics",
-    "save_reference_batch",
     "sit_layer_features",
     "tf_legacy_resize_bilinear",
     "trace_sqrt_product",

@@ -25,7 +25,6 @@ __all__ = [
     "evaluate_batches",
     "read_npz_images",
     "reference_statistics",
-    "save_reference_batch",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -79,17 +78,6 @@ def reference_statistics(path: PathLike, activations: Activations | None = None)
     if activations is None:
         raise ValueError(f"{path} stores no statistics: pass its activations")
     return GaussianStats.from_features(activations.pool), GaussianStats.from_features(activations.spatial)
-
-
-def save_reference_batch(path: PathLike, images: np.ndarray, extractor: InceptionFeatureExtractor,
-                         batch_size: int = 64) -> Path:
-    """Write an ADM reference batch: ``arr_0`` plus ``mu, sigma, mu_s, sigma_s`` from ``extractor``."""
-    acts = compute_activations(extractor, images, batch_size)
-    pool, spatial = GaussianStats.from_features(acts.pool), GaussianStats.from_features(acts.spatial)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=images, mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
-    return path
 
 
 def evaluate_batches(
