@@ -28,20 +28,20 @@ case "${1:-}" in
     timeout 540 "$PY" benchmarks/bench_alignment.py --out "$DEST" --reps 50 --warmup 10
     ;;
   train)
-    timeout 420 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 64 --phases warmup,full \
+    timeout 420 "$PY" -m erw_fast.cli.bench train --config configs/erw_sit_xl2.yaml --batch 32 64 --phases warmup,full \
       --compile both --reference-step --out "$DEST" --name train_h100_xl2
-    timeout 120 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases full --steps 3 \
+    timeout 120 "$PY" -m erw_fast.cli.bench train --config configs/erw_sit_xl2.yaml --batch 32 --phases full --steps 3 \
       --warmup 3 --compile on --profile "$DEST" --profile-steps 2 --out "$DEST" --name train_profile
     timeout 60 "$PY" -m erw_fast.cli.bench cost --measure --measure-batch 32 --out "$DEST" --name cost_measured
     ;;
   attention)
-    timeout 540 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases full --steps 10 --warmup 3 \
+    timeout 540 "$PY" -m erw_fast.cli.bench train --config configs/erw_sit_xl2.yaml --batch 32 --phases full --steps 10 --warmup 3 \
       --attn-backend sdpa sdpa_flash sdpa_efficient sdpa_cudnn math --out "$DEST" --name train_attention
     ;;
   ntxent)
     for backend in triton torch; do
-      timeout 260 "$PY" -m erw_fast.cli.bench train --model SiT-XL/2 --batch 32 --phases warmup,full --steps 10 \
-        --warmup 3 --objective nt_xent --alignment-backend "$backend" --out "$DEST" --name "train_ntxent_$backend"
+      timeout 260 "$PY" -m erw_fast.cli.bench train --config configs/erw_sit_xl2.yaml alignment.objective=nt_xent \
+        --batch 32 --phases warmup,full --steps 10 --warmup 3 --alignment-backend "$backend" --out "$DEST" --name "train_ntxent_$backend"
     done
     ;;
   engines)
