@@ -129,7 +129,7 @@ class DeepSpeedEngine:
         if self._backwards < self.accumulation:
             self.engine.step()  # DeepSpeed counts micro-steps in step(); off the boundary it updates nothing
 
-    def step(self, loss: torch.Tensor) -> StepOutcome:
+    def step(self, loss: torch.Tensor, region: Callable[[str], None] | None = None) -> StepOutcome:
         if self._backwards != self.accumulation:
             raise RuntimeError(f"step after {self._backwards} backward passes, expected {self.accumulation}")
         self._backwards = 0
@@ -137,6 +137,8 @@ class DeepSpeedEngine:
         applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        if region is not None:
+            region("ema")
         if applied:
             self.ema.update()
         return StepOutcome(grad_norm, applied)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,7 +83,8 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.accumulation).backward()
 
-    def step(self, loss: torch.Tensor) -> StepOutcome:
+    def step(self, loss: torch.Tensor, region: Callable[[str], None] | None = None) -> StepOutcome:
+        """``region("ema")`` marks where the EMA update begins (the benchmark's step regions)."""
         self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
@@ -92,12 +94,17 @@ class LocalEngine:
             # itself; the EMA lerp is weighted by the same flag. Nothing waits for the GPU.
             self.optimizer.found_inf = (~finite).to(torch.float32)
             self.optimizer.step()
+            if region is not None:
+                region("ema")
             self.ema.update(applied=finite)
             applied: bool | torch.Tensor = finite
         else:
             applied = bool(finite)  # a host sync: GradScaler and the foreach AdamW decide on the host
             if applied:
                 self.scaler.step(self.optimizer)
+            if region is not None:
+                region("ema")
+            if applied:
                 self.ema.update()
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
