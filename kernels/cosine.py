@@ -8,6 +8,8 @@ and the same cosines (its positive logits).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -116,21 +118,30 @@ def row_launch_config(n_rows: int, d: int) -> tuple[int, int, int]:
     return block_r, block_d, 4
 
 
+def row_launch(name: str, kernel: Any, n_rows: int, d: int, args: dict[str, Any],
+               constexprs: dict[str, Any] | None = None) -> None:
+    """Launch a row-wise kernel on (n_rows, d) inputs: a program per BLOCK_R rows, D walked in BLOCK_D chunks.
+
+    Adds the arguments every row kernel takes (n_rows, D, EPS and the tiles) to the kernel's own.
+    """
+    block_r, block_d, warps = row_launch_config(n_rows, d)
+    Launch(
+        name,
+        kernel,
+        (triton.cdiv(n_rows, block_r),),
+        {**args, "n_rows": n_rows, "D": d},
+        {"EPS": EPS, **(constexprs or {}), "BLOCK_R": block_r, "BLOCK_D": block_d},
+        {"num_warps": warps},
+    ).run()
+
+
 def row_stats(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 (||x_r||, ||y_r||, cos_r) for contiguous (N, D) inputs."""
     n, d = x.shape
     norm_x = _utils.empty((n,), torch.float32, x.device)
     norm_y = _utils.empty((n,), torch.float32, x.device)
     cos = _utils.empty((n,), torch.float32, x.device)
-    block_r, block_d, warps = row_launch_config(n, d)
-    Launch(
-        "cosine.row_stats",
-        _row_stats_kernel,
-        (triton.cdiv(n, block_r),),
-        dict(X=x, Y=y, NORM_X=norm_x, NORM_Y=norm_y, COS=cos, n_rows=n, D=d),
-        dict(EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d),
-        dict(num_warps=warps),
-    ).run()
+    row_launch("cosine.row_stats", _row_stats_kernel, n, d, dict(X=x, Y=y, NORM_X=norm_x, NORM_Y=norm_y, COS=cos))
     return norm_x, norm_y, cos
 
 
@@ -162,27 +173,14 @@ def cosine_align_bwd(
     n = proj.numel() // d
     grad_p = _utils.empty(tuple(proj.shape), proj.dtype, proj.device)
     grad_t = _utils.empty(tuple(target.shape), target.dtype, target.device)
-    block_r, block_d, warps = row_launch_config(n, d)
-    Launch(
+    row_launch(
         "cosine.bwd",
         _cosine_bwd_kernel,
-        (triton.cdiv(n, block_r),),
-        dict(
-            X=proj,
-            Y=target,
-            NORM_X=norm_p,
-            NORM_Y=norm_t,
-            COS=cos,
-            GRAD=grad.to(torch.float32),
-            DX=grad_p,
-            DY=grad_t,
-            n_rows=n,
-            D=d,
-            scale=1.0 / n,
-        ),
-        dict(EPS=EPS, BLOCK_R=block_r, BLOCK_D=block_d),
-        dict(num_warps=warps),
-    ).run()
+        n,
+        d,
+        dict(X=proj, Y=target, NORM_X=norm_p, NORM_Y=norm_t, COS=cos, GRAD=grad.to(torch.float32), DX=grad_p,
+             DY=grad_t, scale=1.0 / n),
+    )
     return grad_p, grad_t
 
 

@@ -51,7 +51,7 @@ from torch import Tensor
 from . import _utils
 from ._utils import EPS
 from .cosine import _INTERPRETED as _ROW_KERNELS_INTERPRETED
-from .cosine import row_launch_config, row_stats
+from .cosine import row_launch, row_stats
 from .launch import Launch
 from .tiles import key_splits, logit_tiles
 
@@ -590,11 +590,11 @@ def _normalize_bwd(
 ) -> Tensor:
     n, d = x.shape
     dx = _utils.empty((n, d), out_dtype or x.dtype, x.device)
-    block_r, block_d, warps = row_launch_config(n, d)
-    Launch(
+    row_launch(
         "nt_xent.normalize_bwd",
         _normalize_bwd_kernel,
-        (triton.cdiv(n, block_r),),
+        n,
+        d,
         dict(
             X=x,
             NORM_X=norm_x,
@@ -604,14 +604,11 @@ def _normalize_bwd(
             NORM_Y=norm_y,
             GRAD=grad,
             DX=dx,
-            n_rows=n,
             n_splits=acc.shape[0],
-            D=d,
             scale=scale,
         ),
-        dict(EPS=EPS, WEIGHTED=weights is not None, BLOCK_R=block_r, BLOCK_D=block_d),
-        dict(num_warps=warps),
-    ).run()
+        dict(WEIGHTED=weights is not None),
+    )
     return dx
 
 
