@@ -81,29 +81,39 @@ def check_resolution(resolution: int, base: int = BASE_RESOLUTION) -> None:
         )
 
 
-_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{c}14/dinov2_vit{c}14{reg}_pretrain.pth"
-_DINOV2_SIZES = {
-    # config letter: (timm size word, embed_dim, depth, heads, mlp hidden)
-    "s": ("small", 384, 12, 6, None),
-    "b": ("base", 768, 12, 12, None),
-    "l": ("large", 1024, 24, 16, None),
-    "g": ("giant", 1536, 40, 24, 4096),  # SwiGLU, hidden (int(4*1536*2/3)+7)//8*8 = 4096
+# Standard ViT sizes: letter -> (timm size word, embed_dim, depth, num_heads).
+_VIT_SIZES = {
+    "t": ("tiny", 192, 12, 3),
+    "s": ("small", 384, 12, 6),
+    "b": ("base", 768, 12, 12),
+    "l": ("large", 1024, 24, 16),
+    "h": ("huge", 1280, 32, 16),
+    "g": ("giant", 1536, 40, 24),
 }
+
+
+def _vit(size: str, patch_size: int) -> dict[str, Any]:
+    """The shape fields of a standard ViT-{size}/{patch_size}."""
+    _, dim, depth, heads = _VIT_SIZES[size]
+    return dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch_size)
+
+
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{c}14/dinov2_vit{c}14{reg}_pretrain.pth"
+# config letter -> MLP hidden width (None: 4 * embed_dim; ViT-g is SwiGLU, (int(4*1536*2/3)+7)//8*8 = 4096)
+_DINOV2_SIZES = {"s": None, "b": None, "l": None, "g": 4096}
 
 
 def _dinov2_specs() -> list[EncoderSpec]:
     specs = []
-    for c, (word, dim, depth, heads, hidden) in _DINOV2_SIZES.items():
+    for c, hidden in _DINOV2_SIZES.items():
+        word = _VIT_SIZES[c][0]
         for reg in (False, True):
             specs.append(
                 EncoderSpec(
                     name=f"dinov2-vit-{c}" + ("-reg" if reg else ""),
                     family="dinov2",
                     timm_name=f"vit_{word}_patch14{'_reg4' if reg else ''}_dinov2.lvd142m",
-                    embed_dim=dim,
-                    depth=depth,
-                    num_heads=heads,
-                    patch_size=14,
+                    **_vit(c, 14),
                     base_input_size=224,
                     mean=IMAGENET_MEAN,
                     std=IMAGENET_STD,
@@ -120,6 +130,22 @@ def _dinov2_specs() -> list[EncoderSpec]:
     return specs
 
 
+def _mocov3_spec(c: str) -> EncoderSpec:
+    word = _VIT_SIZES[c][0]
+    return EncoderSpec(
+        name=f"mocov3-vit-{c}",
+        family="mocov3",
+        timm_name=f"vit_{word}_patch16_224",  # same layout as MoCo v3's timm-based VisionTransformerMoCo
+        **_vit(c, 16),
+        base_input_size=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        preprocess="normalize",
+        weights_url=f"https://dl.fbaipublicfiles.com/moco-v3/vit-{c}-300ep/vit-{c}-300ep.pth.tar",
+        description=f"MoCo v3 ViT-{c.upper()}/16 (300 ep)",
+    )
+
+
 def _build_registry() -> dict[str, EncoderSpec]:
     specs = _dinov2_specs() + [
         EncoderSpec(
@@ -128,10 +154,7 @@ def _build_registry() -> dict[str, EncoderSpec]:
             # timm hosts the OpenAI weights under the GELU-act model name; OpenAI CLIP is QuickGELU, so the
             # activation is overridden (timm's own note: "natively QuickGELU").
             timm_name="vit_large_patch14_clip_224.openai",
-            embed_dim=1024,
-            depth=24,
-            num_heads=16,
-            patch_size=14,
+            **_vit("l", 14),
             base_input_size=224,
             mean=CLIP_MEAN,
             std=CLIP_STD,
@@ -141,44 +164,13 @@ def _build_registry() -> dict[str, EncoderSpec]:
             timm_kwargs=(("act_layer", "quick_gelu"),),
             description="OpenAI CLIP ViT-L/14 image tower",
         ),
-        EncoderSpec(
-            name="mocov3-vit-b",
-            family="mocov3",
-            timm_name="vit_base_patch16_224",  # same layout as MoCo v3's timm-based VisionTransformerMoCo
-            embed_dim=768,
-            depth=12,
-            num_heads=12,
-            patch_size=16,
-            base_input_size=256,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            preprocess="normalize",
-            weights_url="https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
-            description="MoCo v3 ViT-B/16 (300 ep)",
-        ),
-        EncoderSpec(
-            name="mocov3-vit-l",
-            family="mocov3",
-            timm_name="vit_large_patch16_224",
-            embed_dim=1024,
-            depth=24,
-            num_heads=16,
-            patch_size=16,
-            base_input_size=256,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            preprocess="normalize",
-            weights_url="https://dl.fbaipublicfiles.com/moco-v3/vit-l-300ep/vit-l-300ep.pth.tar",
-            description="MoCo v3 ViT-L/16 (300 ep)",
-        ),
+        _mocov3_spec("b"),
+        _mocov3_spec("l"),
         EncoderSpec(
             name="mae-vit-l",
             family="mae",
             timm_name="vit_large_patch16_224.mae",
-            embed_dim=1024,
-            depth=24,
-            num_heads=16,
-            patch_size=16,
+            **_vit("l", 16),
             base_input_size=256,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
@@ -192,10 +184,7 @@ def _build_registry() -> dict[str, EncoderSpec]:
             name="jepa-vit-h",
             family="jepa",
             timm_name="vit_huge_patch14_224",
-            embed_dim=1280,
-            depth=32,
-            num_heads=16,
-            patch_size=14,
+            **_vit("h", 14),
             base_input_size=224,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
@@ -211,10 +200,7 @@ def _build_registry() -> dict[str, EncoderSpec]:
             name="demo-vit-t",
             family="demo",
             timm_name="vit_tiny_patch16_224",
-            embed_dim=192,
-            depth=2,
-            num_heads=3,
-            patch_size=16,
+            **(_vit("t", 16) | {"depth": 2}),
             base_input_size=64,
             base_resolution=64,
             mean=IMAGENET_MEAN,
