@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from erw_fast.atomic import atomic_write_text
+
 
 class MetricsWriter:
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
@@ -38,7 +40,7 @@ class MetricsWriter:
                 continue
             if record.get("step", -1) <= step:
                 kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))  # a crash here keeps the old log
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
