@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.erw_fast-installed
 
-.PHONY: install test lint demo
+.PHONY: install test test-fast test-slow lint demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,9 +22,25 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Tests. Markers (registered in pyproject.toml, --strict-markers): slow (> ~3 s on 2 CPU cores, or a real
+# training run), multiprocess (spawns processes: torchrun / deepspeed launchers, python subprocesses, DataLoader or
+# DALI workers), gpu (needs CUDA; skipped without it).
+#   make test       the full suite (what CI runs, .ci/run)
+#   make test-fast  ruff + everything unmarked: unit tests, golden parity, the Triton kernels in the interpreter on
+#                   small shapes (~1-1.5 min on 2 cores); extra pytest arguments in PYTEST_ARGS
+#   make test-slow  the rest: the marked tests only
+FAST := not slow and not multiprocess and not gpu
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow or multiprocess or gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) train.py --config configs/demo.yaml

@@ -42,6 +42,7 @@ def test_pinned_sdpa_kernels_need_cuda():
             attn_backend="sdpa_flash")
 
 
+@pytest.mark.slow
 def test_trainer_resolves_measure_before_building_models(tmp_path, capsys):
     config = tiny_config(tmp_path, "measure", "model.attn_backend=measure", "train.total_steps=7")
     trainer = Trainer(config)

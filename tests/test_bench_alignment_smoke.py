@@ -40,6 +40,7 @@ def test_slow_cases_get_fewer_repeats(bench):
     assert loose["reps"] == 4 and len(loose["times_ms"]["fwd_bwd"]) == 4
 
 
+@pytest.mark.slow
 def test_timing_and_report_on_tiny_shapes(bench, tmp_path):
     # The GPU code path minus CUDA events/memory stats: tiny shapes, perf_counter timing, eager "compile".
     progress = []

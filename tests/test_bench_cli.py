@@ -55,6 +55,7 @@ def test_cost_cli_custom_splits_and_non_paper_settings(tmp_path: Path) -> None:
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_cost_cli_measure_on_tiny_config(tmp_path: Path) -> None:
     args = ["cost", *TINY, "--batch", "4", "--measure", "--measure-steps", "1", "--measure-warmup", "0",
             "--device", "cpu", "--out", str(tmp_path), "--name", "tiny"]
@@ -78,6 +79,7 @@ def test_cost_measure_refuses_a_real_model_on_cpu(tmp_path: Path, capsys: pytest
 
 
 @pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.slow
 def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
     args = ["train", *TRAIN_TINY, "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
             "--out", str(tmp_path), "--name", "t"] + (["--reference-step"] if reference else [])
@@ -116,6 +118,7 @@ def test_train_bench_runs_on_cpu(tmp_path: Path, reference: bool) -> None:
         assert doc["speedups"] == []
 
 
+@pytest.mark.slow
 def test_train_bench_sweeps_attention_backends(tmp_path: Path) -> None:
     # Two backends, each its own variant; same seeds and data, so both runs end at the same loss.
     args = ["train", *TRAIN_TINY, "--batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu", "--phases",
@@ -136,6 +139,7 @@ def test_train_bench_sweeps_attention_backends(tmp_path: Path) -> None:
         assert drawn == pytest.approx(sum(r["breakdown_median_s"].values()) * 1e3)
 
 
+@pytest.mark.slow
 def test_train_bench_reports_after_every_measurement() -> None:
     # A run cut short by a time limit keeps what finished: the document is handed out after each case,
     # batch by batch, both phases of a batch before the next batch.
@@ -149,6 +153,7 @@ def test_train_bench_reports_after_every_measurement() -> None:
 
 
 @pytest.mark.parametrize("phase_name", ["warmup", "full"])
+@pytest.mark.slow
 def test_the_benchmark_times_the_trainers_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                phase_name: str) -> None:
     """`erw-bench train` builds model, engine and step from the config as the trainer does: for the same batch
@@ -215,6 +220,7 @@ def test_train_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_train_bench_on_gpu_reports_mfu_and_memory(tmp_path: Path) -> None:
     args = ["train", *TRAIN_TINY, "train.precision=bf16", "--batch", "8", "--steps", "3", "--warmup", "2",
             "--device", "cuda",
@@ -287,6 +293,7 @@ def test_reference_ema_matches_the_library_ema() -> None:
         assert torch.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_train_bench_profile_writes_traces_with_step_regions(tmp_path: Path) -> None:
     args = ["train", *TRAIN_TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--phases",
             "full", "--compile", "on", "--out", str(tmp_path), "--name", "t", "--profile", str(tmp_path / "traces"),

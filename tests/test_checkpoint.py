@@ -132,6 +132,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(good)["w"], torch.arange(4))
 
 
+@pytest.mark.multiprocess
 def test_hard_kill_mid_save_leaves_ignored_temp(tmp_path):
     good = save_checkpoint({"w": torch.arange(4)}, tmp_path, step=100)
     # A SIGKILL / power loss gets no chance to clean up: a child process dies (os._exit) inside torch.save.
@@ -334,6 +335,7 @@ def test_tmp_names_never_parse_as_checkpoints(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_rng_and_map_location(tmp_path):
     torch.cuda.manual_seed_all(5)
     state = {"rng": capture_rng_state(), "w": torch.randn(3, device="cuda")}

@@ -21,6 +21,8 @@ from erw_fast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # every test uses demo_run, a training run
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
@@ -205,6 +207,7 @@ def test_analyze_writes_per_layer_cknna_and_chart(demo_run, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+@pytest.mark.multiprocess
 def test_torchrun_two_ranks_interleave_per_rank_seeds(demo_run, tmp_path):
     # Rank r seeds seed·W + r and owns global samples r, r + W, …; so with W = 2 and seed 0, the odd samples are
     # exactly what one process draws with seed 1 and the even ones what it draws with seed 0.

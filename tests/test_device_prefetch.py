@@ -91,6 +91,7 @@ def test_described_in_the_run_log(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_batches_staged_on_a_side_stream_are_safe_to_use(tmp_path):
     """Same batches as the plain loader, staged on another stream; a batch the compute stream reads late (behind
     long work) and drops right away is not overwritten by the batches staged meanwhile (``record_stream``)."""

@@ -347,6 +347,7 @@ def test_hostfile_parses_with_deepspeed():
     assert list(pool.values()) == [8] * len(pool) and len(pool) >= 2
 
 
+@pytest.mark.multiprocess
 def test_slurm_script_against_stub_commands(tmp_path):
     """Run the sbatch script with stub srun / scontrol / torchrun / python and check what it would launch."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"

@@ -193,7 +193,9 @@ def test_meta_shapes_at_512(name):
 # ---------------------------------------------------------------------------------------------------------
 # real forwards (small / base sizes)
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["dinov2-vit-s", "dinov2-vit-s-reg", "dinov2-vit-b", "mocov3-vit-b"])
+@pytest.mark.parametrize("name", ["dinov2-vit-s", "dinov2-vit-s-reg",
+                                  pytest.param("dinov2-vit-b", marks=pytest.mark.slow),
+                                  pytest.param("mocov3-vit-b", marks=pytest.mark.slow)])
 def test_forward_shapes_256(name):
     torch.manual_seed(0)
     enc = load_encoder(name, resolution=256, pretrained=False)
@@ -202,6 +204,7 @@ def test_forward_shapes_256(name):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_forward_dinov2_b_512():
     torch.manual_seed(0)
     enc = load_encoder("dinov2-vit-b", resolution=512, pretrained=False)
@@ -501,6 +504,7 @@ def test_mocov3_checkpoint_format(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_mae_and_jepa_checkpoint_formats(tmp_path):
     timm = import_timm()
     torch.manual_seed(5)

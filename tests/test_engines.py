@@ -55,12 +55,16 @@ def assert_same_run(run_dir, reference_dir):
 # ------------------------------------------------------------------------------------------ multi-rank runs
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_two_ranks_matches_one_process(tmp_path, one_process):
     out = launch(tmp_path, "ddp", "engine.ddp_bucket_mb=1", "engine.ddp_static_graph=true")
     assert "DDP over 2 ranks (bucket 1 MB" in out and "static_graph True" in out
     assert_same_run(tmp_path / "ddp", one_process)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_zero1_torchrun_matches_one_process_and_resumes_on_one_rank(tmp_path, one_process):
     args = ("engine.kind=deepspeed", "engine.zero_stage=1")
     out = launch(tmp_path, "z1", *args, "train.max_steps_per_run=9")
@@ -72,6 +76,8 @@ def test_zero1_torchrun_matches_one_process_and_resumes_on_one_rank(tmp_path, on
     assert_same_run(tmp_path / "z1-on-one", one_process)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_zero2_deepspeed_launcher_with_a_user_json_and_accumulation(tmp_path, one_process):
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {
@@ -86,6 +92,8 @@ def test_zero2_deepspeed_launcher_with_a_user_json_and_accumulation(tmp_path, on
     assert_same_run(tmp_path / "z2", one_process)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_zero3_saves_on_two_ranks_and_resumes_on_two_and_on_one(tmp_path, one_process):
     from erw_fast.cli.export import export
 
@@ -266,6 +274,8 @@ assert stats["full"].skipped == 1, stats
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_deepspeed_skips_a_nonfinite_step(tmp_path, precision):
     """A NaN loss at step 8: DeepSpeed's overflow check skips the update, the EMA is not touched, the run goes on."""
 
@@ -278,6 +288,8 @@ def test_deepspeed_skips_a_nonfinite_step(tmp_path, precision):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["step"] != 9)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_engine_benchmark_runs_every_engine(tmp_path):
     """The single-device engine benchmark on a tiny model (speed is for GPU runs; here it must just work)."""
     script = REPO / "benchmarks" / "bench_engines.py"
@@ -295,6 +307,8 @@ def test_engine_benchmark_runs_every_engine(tmp_path):
     assert "ZeRO-2 over 1 rank(s)" in report["results"][3]["describe"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_resume_under_another_zero_stage_is_a_clear_error(tmp_path):
     launch(tmp_path, "stage", "engine.kind=deepspeed", "engine.zero_stage=2", "train.max_steps_per_run=3", ranks=1)
     result = subprocess.run(

@@ -80,6 +80,7 @@ def test_frechet_distance_rank_deficient_covariances():
     assert s1.frechet_distance(s1) == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero(inception):
     images = torch.randint(0, 256, (12, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     out = inception(images)
@@ -154,6 +155,7 @@ def test_tf_legacy_resize_samples_at_scaled_indices():
     assert torch.equal(tf_legacy_resize_bilinear(x, 299), x)
 
 
+@pytest.mark.slow
 def test_inception_outputs_follow_the_adm_tensors(inception):
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     net = inception.net
@@ -178,6 +180,7 @@ def test_missing_inception_weights_is_a_clear_error(tmp_path):
         build_fid_inception(weights_path=tmp_path / "missing.pth")
 
 
+@pytest.mark.slow
 def test_evaluate_batches_uses_stored_reference_statistics(inception, tmp_path):
     rng = np.random.default_rng(6)
     images = rng.integers(0, 256, (10, 48, 48, 3), dtype=np.uint8)

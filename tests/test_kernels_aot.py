@@ -33,6 +33,8 @@ def reports(tmp_path_factory):
     return json.loads(out.read_text())["launches"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_every_launch_compiles_for_both_architectures(reports):
     seen = {(r["arch"], r["dtype"], r["d"], r["name"]) for r in reports}
     names = {"cosine.row_stats", "cosine.bwd", "nt_xent.lse", "nt_xent.grad", "nt_xent.lse_grad",
@@ -43,6 +45,8 @@ def test_every_launch_compiles_for_both_architectures(reports):
                 assert {n for a, t, dd, n in seen if (a, t, dd) == (arch, dtype, d)} == names
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_no_launch_spills_or_overflows_shared_memory(reports):
     for r in reports:
         where = f"{r['name']} sm_{r['arch']} {r['dtype']} D={r['d']} {r['settings']}"
@@ -52,6 +56,8 @@ def test_no_launch_spills_or_overflows_shared_memory(reports):
         assert r["resident_per_sm"] >= 1, where
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_16bit_logit_kernels_use_pipelined_tensor_cores(reports):
     expected = {80: "mma", 90: "wgmma"}
     logit = [r for r in reports if r["name"] in ("nt_xent.lse", "nt_xent.grad", "nt_xent.lse_grad")
@@ -64,6 +70,8 @@ def test_16bit_logit_kernels_use_pipelined_tensor_cores(reports):
         assert r["pipelined"] and r["tensor_cores"] != "none", r
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_batch_negative_forward_fills_the_gpu(reports):
     # 8192 rows are 64 query blocks of 128: alone they would fill 64 of 108/132 SMs (under half). The keys
     # are split so that the programs fill their waves (>= 80% of the slots of the waves they take).
@@ -90,6 +98,8 @@ def test_documented_specialisation_rule_agrees_with_the_jit():
         assert _documented_rule(value) == tuple(native(value)), value
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_every_tuning_candidate_compiles_for_hopper_without_spills(tmp_path):
     # The tuner spends GPU time on these; one that spills or cannot fit would waste it (or be picked and slow).
     from erw_fast.kernels.tiles import TUNING_CANDIDATES

@@ -112,7 +112,7 @@ def test_matches_reference(dtype, negatives, symmetric):
     check_against_reference((5, 14, 48), dtype, 0.1, negatives, symmetric)
 
 
-@pytest.mark.parametrize("d", [768, 1024, 1280, 1536])
+@pytest.mark.parametrize("d", [768, *(pytest.param(d, marks=pytest.mark.slow) for d in (1024, 1280, 1536))])
 @pytest.mark.parametrize("negatives", ["batch", "position"])
 def test_encoder_feature_dims(d, negatives):
     check_against_reference((3, 6, d), torch.float32, 0.1, negatives, True, seed=d)
@@ -148,7 +148,7 @@ def test_many_small_tiles(monkeypatch, negatives, symmetric):
 
 @pytest.mark.parametrize("negatives", ["batch", "position"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["onesided", "symmetric"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 def test_key_splits(monkeypatch, negatives, symmetric, dtype):
     # Keys split as on a GPU with many SMs and few query blocks: the forward merges partial max/sum, the
     # backward sums per-split partial gradients. 16-wide tiles over 74 rows (5 key blocks; 3 per
@@ -158,7 +158,7 @@ def test_key_splits(monkeypatch, negatives, symmetric, dtype):
     assert max(splits_seen) >= 2
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [DTYPES[0], *(pytest.param(t, marks=pytest.mark.slow) for t in DTYPES[1:])], ids=str)
 def test_gpu_default_tiles(monkeypatch, dtype):
     # The tiles a GPU launch would use (not the interpreter's), including a split plan for 132 SMs:
     # 150 rows of D = 200 leave ragged tiles in every dimension at 128/64-row tiles and 64/32-wide chunks.
@@ -250,7 +250,7 @@ def test_one_pass_single_token():
 
 
 @pytest.mark.parametrize("negatives", ["batch", "position"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 def test_one_pass_small_tiles_and_key_splits(monkeypatch, negatives, dtype):
     # 16-wide tiles (several key blocks per split: the online rescaling) and forced ragged key splits (the
     # merge weights every split's partial sum by 2^(m_s - m) / L).
@@ -259,7 +259,7 @@ def test_one_pass_small_tiles_and_key_splits(monkeypatch, negatives, dtype):
     assert max(splits_seen) >= 2
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [DTYPES[0], *(pytest.param(t, marks=pytest.mark.slow) for t in DTYPES[1:])], ids=str)
 def test_one_pass_gpu_default_tiles(monkeypatch, dtype):
     use_gpu_default_tiles(monkeypatch)
     check_one_pass((3, 50, 200), dtype, 0.1, "batch", target_grad=True)
@@ -379,6 +379,7 @@ def test_rejects_bad_shapes(proj_shape, target_shape):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter error")
+@pytest.mark.multiprocess
 def test_cpu_tensors_without_interpreter_fail_clearly():
     code = (
         "import torch\n"
@@ -393,7 +394,7 @@ def test_cpu_tensors_without_interpreter_fail_clearly():
     assert "set TRITON_INTERPRET=1 before" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("position", [False, True])
+@pytest.mark.parametrize("position", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_opcheck(position):
     proj, target = make_inputs((2, 5, 32), torch.float32)
     torch.library.opcheck(nt_xent_fwd, (proj, target, 0.1, position, True, "ieee"))
@@ -402,7 +403,7 @@ def test_opcheck(position):
     torch.library.opcheck(nt_xent_module.nt_xent_one_pass, (proj, target, 0.1, position, "ieee"))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(backend):
     # fullgraph=True fails on any graph break; the custom ops are opaque nodes with fake implementations.
     torch._dynamo.reset()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _shard_helpers import make_loader, write_dataset
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def test_threads_pin_their_batches_and_match_unpinned(tmp_path):

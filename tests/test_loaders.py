@@ -83,6 +83,7 @@ def test_standard_normal_statistics_and_independence():
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg", "raw"])
+@pytest.mark.multiprocess
 def test_webdataset_and_dali_yield_identical_batches(datasets, fmt):
     root, _ = datasets[fmt]
     steps = 7  # crosses an epoch boundary (40 samples / 8)
@@ -125,6 +126,7 @@ def test_batches_match_independent_reference(datasets):
     assert 0 < n_flipped < 6 * BATCH
 
 
+@pytest.mark.multiprocess
 def test_resume_equals_uninterrupted_any_worker_count(datasets):
     root, _ = datasets["jpg"]
     full = _take(_loader("webdataset", root, num_workers=0), 9)
@@ -135,6 +137,7 @@ def test_resume_equals_uninterrupted_any_worker_count(datasets):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "png"])
+@pytest.mark.multiprocess
 def test_loader_threads_yield_the_worker_batches(datasets, fmt):
     # Threads of the training process assemble steps concurrently (4 threads, 8 steps in flight, over 4
     # shards): the same batches as worker processes, from the start and resumed mid-epoch.
@@ -197,6 +200,7 @@ def _broken_stream_valid_crc(png):
 
 
 @pytest.mark.parametrize("corrupt", [_zeros, _broken_stream_valid_crc])
+@pytest.mark.multiprocess
 def test_corrupt_sample_raises_or_is_skipped(tmp_path, corrupt):
     write_dataset(tmp_path, image_format="png")
     sampler = ResumableBatchSampler(40, BATCH, seed=7)
@@ -293,6 +297,7 @@ def test_jpeg_bytes_decode_like_pil(datasets):
     np.testing.assert_array_equal(b["images"][0].permute(1, 2, 0).numpy(), ref)
 
 
+@pytest.mark.slow
 def test_loader_benchmark_smoke(tmp_path):
     """benchmarks/bench_loader.py end to end on a tiny set (its numbers are not a measurement)."""
     from _script_helpers import benchmark_script

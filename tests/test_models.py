@@ -60,6 +60,7 @@ def tiny(**overrides) -> dict:
     return config
 
 
+@pytest.mark.slow
 def test_phase1_model_allocates_only_early_layers():
     phase1 = build_sit_phase1("SiT-XL/2", warmup_depth=4, input_size=8, num_classes=10)
     keys = phase1.state_dict().keys()

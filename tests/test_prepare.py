@@ -82,8 +82,8 @@ def _adm_reference(arr, size):
     return arr[top : top + size, left : left + size]
 
 
-@pytest.mark.parametrize("h,w,size", [(375, 500, 64), (771, 1023, 128), (300, 256, 256), (97, 131, 32),
-                                      (150, 200, 256), (513, 512, 256)])
+@pytest.mark.parametrize("h,w,size", [(375, 500, 64), pytest.param(771, 1023, 128, marks=pytest.mark.slow),
+                                      (300, 256, 256), (97, 131, 32), (150, 200, 256), (513, 512, 256)])
 def test_center_crop_matches_fixed_point_reference(h, w, size):
     rng = np.random.default_rng(h * w)
     smooth = np.array(Image.fromarray(rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8))
@@ -155,6 +155,7 @@ def test_read_file_list(tmp_path):
 # ----------------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.multiprocess
 def test_prepare_end_to_end(folder, autoencoder_kl, tmp_path):
     from erw_fast.encoders import load_encoder
 
@@ -232,6 +233,8 @@ def _snapshot(out, k):
     return [(f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_prepare_resumes_after_kill(folder, autoencoder_kl, tmp_path):
     vae_dir = tmp_path / "vae"
     tiny_vae(autoencoder_kl).save_pretrained(vae_dir)  # also exercises loading a VAE from a local directory

@@ -75,6 +75,7 @@ def test_a_bad_signal_name_is_a_config_error(tmp_path):
         tiny_config(tmp_path, "bad", "checkpoint.stop_signals=[SIGKILL]")
 
 
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_at_the_next_step_and_the_rerun_continues_exactly(tmp_path, monkeypatch, capsys):
     reference = tiny_config(tmp_path, "uninterrupted")
     Trainer(reference).run()
@@ -118,6 +119,8 @@ def _worker_of(agent: subprocess.Popen, local_rank: int) -> psutil.Process:
     ("engine", "target"),
     [("ddp", "agent"), ("deepspeed", "rank 1")],  # the agent forwards SIGTERM to both; or one rank alone gets it
 )
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_stops_both_ranks_at_one_step_and_the_rerun_continues_exactly(tmp_path, engine, target):
     steps = ["train.total_steps=60", "checkpoint.every=1000", "erw.warmup_steps=6", f"engine.kind={engine}"]
     args = [*TINY, *steps, f"run.output_dir={tmp_path}"]

@@ -23,6 +23,7 @@ def run(config, capsys=None):
     return stats
 
 
+@pytest.mark.slow
 def test_erw_run_switches_phase_and_reports_transfer(tmp_path, capsys):
     config = tiny_config(tmp_path)
     stats = run(config)
@@ -63,6 +64,7 @@ def kill_after(monkeypatch, steps):
 
 
 @pytest.mark.parametrize("kill_at", [5, 11])  # mid-warmup (last checkpoint at 4), mid-Phase-2 (at 8)
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_at):
     reference = tiny_config(tmp_path, "uninterrupted")
     run(reference)
@@ -87,6 +89,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_at):
         assert torch.equal(final_a["ema"][key], final_b["ema"][key]), key
 
 
+@pytest.mark.slow
 def test_crash_during_checkpoint_save_keeps_previous(tmp_path, monkeypatch):
     config = tiny_config(tmp_path)
     real_save = torch.save
@@ -132,6 +135,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("implementation", ["foreach", "fused"])
+@pytest.mark.slow
 def test_nonfinite_guard_skips_then_aborts(tmp_path, monkeypatch, implementation):
     """foreach: the step decides on the host; fused: found_inf on the device, no host sync in the step (the
     counters are read at logging steps). Both leave weights, optimizer state and EMA untouched on a NaN step."""
@@ -176,6 +180,7 @@ def test_nonfinite_guard_skips_then_aborts(tmp_path, monkeypatch, implementation
                         f"optim.implementation={implementation}"))
 
 
+@pytest.mark.slow
 def test_fused_sync_free_step_trains_like_foreach(tmp_path):
     foreach = tiny_config(tmp_path, "foreach", "optim.implementation=foreach")
     fused = tiny_config(tmp_path, "fused", "optim.implementation=fused")
@@ -185,6 +190,7 @@ def test_fused_sync_free_step_trains_like_foreach(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_exported_reference_checkpoint_loads_strict(tmp_path):
     config = tiny_config(tmp_path)
     run(config)
@@ -210,6 +216,7 @@ def test_presets_load_and_validate(name):
 
 
 @pytest.mark.parametrize("mode", ["repa", "sit"])
+@pytest.mark.slow
 def test_baseline_modes_share_the_code_path(tmp_path, mode):
     config = tiny_config(tmp_path, mode, f"run.mode={mode}", "train.total_steps=4")
     stats = run(config)
@@ -241,6 +248,7 @@ def test_ema_is_the_exponential_average_of_the_weights():
         torch.testing.assert_close(v.double(), expected[k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_reference_warmup_checkpoint_starts_phase_two(tmp_path, capsys):
     """A reference warmup checkpoint (no final layer) is imported as Phase 1, then transferred at step W."""
     warm = tiny_config(tmp_path, "warm", "train.total_steps=7", "erw.warmup_steps=6")
@@ -257,6 +265,7 @@ def test_reference_warmup_checkpoint_starts_phase_two(tmp_path, capsys):
     assert stats["warmup"].steps == 0 and stats["full"].steps == 8
 
 
+@pytest.mark.slow
 def test_step_budget_stops_with_checkpoint_and_resumes(tmp_path):
     reference = tiny_config(tmp_path, "whole")
     run(reference)
@@ -266,6 +275,8 @@ def test_step_budget_stops_with_checkpoint_and_resumes(tmp_path):
     assert [r["loss"] for r in read(tmp_path / "pieces")] == [r["loss"] for r in read(reference.run_dir)]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_two_ranks_resume_matches_uninterrupted(tmp_path):
     """DDP over gloo, 2 ranks: each rank keeps its own RNG stream across a stop/resume."""
     out = launch(tmp_path, "ddp")
@@ -278,6 +289,7 @@ def test_torchrun_two_ranks_resume_matches_uninterrupted(tmp_path):
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
+@pytest.mark.slow
 def test_monitors_write_outputs_without_changing_training(tmp_path):
     from erw_fast.evaluation.inception import build_fid_inception
 
@@ -301,6 +313,7 @@ def test_monitors_write_outputs_without_changing_training(tmp_path):
     assert all(math.isfinite(v) for r in records for v in r["cknna"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     """Phase 1 draws no noise besides label dropout (off here), so 2 × 4 accumulated equals one batch of 8."""
     whole = tiny_config(tmp_path, "whole", "model.class_dropout_prob=0.0", "train.total_steps=7")
@@ -314,6 +327,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 @pytest.mark.parametrize("image_format", ["png", "raw"])
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_trains_on_prepared_shards_identically_with_webdataset_and_dali(tmp_path, image_format):
     """The sharded loaders feed the same step: ERW over webdataset and over DALI (CPU) give identical losses."""
     from _shard_helpers import write_dataset
@@ -333,6 +348,8 @@ def test_trains_on_prepared_shards_identically_with_webdataset_and_dali(tmp_path
     assert all(math.isfinite(v) for v in losses["dali"])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_shard_resume_continues_the_data_order(tmp_path):
     from _shard_helpers import write_dataset
 
@@ -351,6 +368,7 @@ def test_shard_resume_continues_the_data_order(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_mixed_precision_steps_are_finite(tmp_path, precision):
     """bf16 autocast (default) and fp16 with a GradScaler; the alignment and loss math stay in fp32."""
     config = tiny_config(tmp_path, precision, f"train.precision={precision}", "train.total_steps=8")
@@ -363,6 +381,7 @@ def test_mixed_precision_steps_are_finite(tmp_path, precision):
 
 
 @pytest.mark.parametrize("scope", ["blocks", "model"])
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, scope):
     """torch.compile (regional per block, or the whole model) through aot_eager: the traced graphs must compute
     what eager computes, across the ERW switch (a second model is compiled there)."""
@@ -386,6 +405,7 @@ def test_regional_compile_keeps_state_dict_keys():
         compile_model(model, "layers")
 
 
+@pytest.mark.slow
 def test_teacher_in_bf16_and_compiled(tmp_path):
     """encoder.dtype=bf16 keeps the teacher's weights in bf16; encoder.compile compiles its blocks (aot_eager here)
     and computes what eager computes."""
@@ -404,6 +424,8 @@ def test_teacher_in_bf16_and_compiled(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.slow
+@pytest.mark.gpu
 def test_the_training_step_never_syncs_with_the_host_on_cuda(tmp_path, monkeypatch):
     """bf16 + fused AdamW: the whole step (noise draw, teacher, loss, backward, clip, non-finite skip, optimizer,
     EMA) runs without a host sync; torch's sync debug mode turns any into an error."""
@@ -425,6 +447,7 @@ def test_the_training_step_never_syncs_with_the_host_on_cuda(tmp_path, monkeypat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny run is on the CPU: the interpreted kernels")
+@pytest.mark.slow
 def test_nt_xent_run_on_the_triton_kernels_matches_torch(tmp_path, capsys):
     # The fused kernels (interpreter; the frozen teacher takes their one-pass form) and the PyTorch reference in
     # the same short ERW run: same losses, and the log says which form runs and where its tiles come from.

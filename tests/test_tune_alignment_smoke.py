@@ -24,6 +24,7 @@ def tuner():
         yield module
 
 
+@pytest.mark.slow
 def test_tuner_writes_a_table_the_kernels_read(tuner, tmp_path):
     from erw_fast.kernels.tiles import LogitTiles, tuned_tiles
 
