@@ -11,6 +11,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from erw_fast.ema import WeightEMA
+
 
 def adamw_implementation(choice: str, device: torch.device) -> str:
     """optim.implementation: auto → torch's fused AdamW on CUDA, the foreach one elsewhere."""
@@ -31,6 +33,7 @@ class Engine(Protocol):
     kind: str  # "ddp" (also one process) | "deepspeed"
     module: nn.Module  # the bare model (parameters may be partitioned under ZeRO-3)
     forward_module: nn.Module  # what the loss calls: possibly compiled and wrapped
+    ema: WeightEMA  # the weights' moving average (whole, or this rank's share)
 
     def describe(self) -> str: ...
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager: ...

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from erw_fast.compile import compile_model, describe_compile
 from erw_fast.config import Config
-from erw_fast.ema import EMA
+from erw_fast.ema import EMA, WeightEMA
 from erw_fast.engines.base import StepOutcome, adamw_implementation
 from erw_fast.engines.rank_sharded_ema import RankShardedEMA
 from erw_fast.runtime import DistEnv
@@ -36,8 +36,8 @@ class LocalEngine:
         self.forward_module = self._wrap(compiled)
         self.optimizer = self._optimizer()
         decay = config.optim.ema_decay
-        self.ema_sharded = env.world_size > 1 and config.engine.ddp_shard_ema
-        self.ema = RankShardedEMA(model, decay, env.rank, env.world_size) if self.ema_sharded else EMA(model, decay)
+        sharded = env.world_size > 1 and config.engine.ddp_shard_ema
+        self.ema: WeightEMA = RankShardedEMA(model, decay, env.rank, env.world_size) if sharded else EMA(model, decay)
         self._ema_shell: nn.Module | None = None
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.train.precision == "fp16")
         # Skipping a non-finite step without a host sync needs the fused AdamW (found_inf) and no GradScaler.
@@ -67,7 +67,7 @@ class LocalEngine:
         if self.env.world_size == 1:
             return f"single process ({step})"
         e = self.config.engine
-        ema = (f"EMA sharded by rank ({self.ema.local_numel:,} elements here)" if self.ema_sharded
+        ema = (f"EMA sharded by rank ({self.ema.local_numel:,} elements here)" if self.ema.partitioned
                else "EMA replicated")
         return (f"DDP over {self.env.world_size} ranks (bucket {e.ddp_bucket_mb:g} MB, gradient_as_bucket_view "
                 f"{e.ddp_gradient_as_bucket_view}, static_graph {e.ddp_static_graph}; {ema}; {step})")
@@ -119,7 +119,7 @@ class LocalEngine:
     # ------------------------------------------------------------------------------------------ state
 
     def ema_module(self) -> nn.Module:
-        if not self.ema_sharded:
+        if isinstance(self.ema, EMA):  # the whole EMA is a model already
             return self.ema.model
         if self._ema_shell is None:  # built on first use: only the (opt-in) monitors need a whole EMA model
             self._ema_shell = copy.deepcopy(self.module).eval().requires_grad_(False)
