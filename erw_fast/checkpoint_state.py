@@ -17,13 +17,15 @@ from erw_fast.checkpoint import (
     checkpoint_name,
     export_reference_checkpoint,
     export_safetensors,
+    import_reference_checkpoint,
     latest_checkpoint,
     prune_engine_dirs,
     restore_rng_state,
     save_checkpoint,
 )
-from erw_fast.config import Config
+from erw_fast.config import Config, ConfigError
 from erw_fast.engines import Engine
+from erw_fast.phases import Phase, WarmupPhase
 from erw_fast.runtime import DistEnv
 
 
@@ -108,6 +110,20 @@ def restore_run_state(state: dict[str, Any], env: DistEnv, config: Config,
         log(f"resume: checkpoint written with {len(rng)} rank(s), running with {env.world_size}")
     stats = {name: PhaseStats(name, **s) for name, s in state["stats"].items()}
     return RunState(int(state["step"]), state["phase"], stats, int(state["nonfinite_in_a_row"]), state["data"])
+
+
+def reference_start(path: str | Path, phases: Sequence[Phase],
+                    mode: str) -> tuple[Phase, dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """(phase, weights, EMA, step) to start a run from a reference checkpoint. A warmup one (no final layer)
+    ends the first phase; a full one starts the last phase (its EMA: the raw weights when it has none)."""
+    ref = import_reference_checkpoint(path)
+    weights = ref["model"]
+    is_warmup = not any(k.startswith("final_layer.") for k in weights)
+    phase = phases[0] if is_warmup else phases[-1]
+    if is_warmup and not isinstance(phase, WarmupPhase):
+        raise ConfigError(f"{path} is a warmup (Phase-1) checkpoint, but run.mode is {mode!r}")
+    ema = ref["ema"] if ref["ema"] is not None else weights
+    return phase, weights, ema, phase.end if is_warmup else phase.start
 
 
 def reference_args(c: Config, z_dims: Sequence[int]) -> dict[str, Any]:

@@ -418,11 +418,11 @@ def step_breakdown(
 
 
 def _config_model(config: Config) -> tuple[str, dict[str, Any]]:
-    m = config.model
-    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(m, k)}
-    overrides.update(input_size=m.input_size, in_channels=m.in_channels, mlp_ratio=m.mlp_ratio,
-                     qk_norm=m.qk_norm, use_rope=m.use_rope)
-    return m.name, overrides
+    """The model's name and the shape-determining SiT arguments the config gives it (``ModelConfig.sit_kwargs``)."""
+    kwargs = config.model.sit_kwargs()
+    shape = ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "mlp_ratio", "qk_norm",
+             "use_rope")
+    return config.model.name, {k: kwargs[k] for k in shape}
 
 
 def step_flops(config: Config, phase: str, world_size: int = 1) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,11 @@ def report_run(config: Any, stats: Any, world_size: int) -> list[str]:
                                title=f"{config.run.name}: {config.model.name} ({config.run.mode})")
         lines.append(f"loss curves: {png}")
     return lines
+
+
+def progress_bar(phase: Any, step: int) -> Any:
+    """A tqdm bar over the phase's steps, on stderr, starting at ``step`` (resumes start part-way)."""
+    from tqdm import tqdm
+
+    return tqdm(total=phase.end - phase.start, initial=step - phase.start, desc=phase.name, unit="step",
+                dynamic_ncols=True, file=sys.stderr)

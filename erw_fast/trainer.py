@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import sys
 import time
@@ -20,12 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from erw_fast.checkpoint import import_reference_checkpoint, load_checkpoint
+from erw_fast.checkpoint import load_checkpoint
 from erw_fast.checkpoint_state import (
     PhaseStats,
     RunState,
     export_consolidated,
     reference_args,
+    reference_start,
     restore_run_state,
     resume_source,
     save_training_checkpoint,
@@ -33,12 +33,13 @@ from erw_fast.checkpoint_state import (
 from erw_fast.config import Config, ConfigError, dump_config, load_config
 from erw_fast.data.device_prefetch import describe_device_prefetch
 from erw_fast.encoders.teacher import Teacher, load_teacher
-from erw_fast.engines import Engine, LocalEngine, select_engine
-from erw_fast.metrics import MetricsWriter
+from erw_fast.engines import Engine, build_engine, select_engine
+from erw_fast.metrics import LogWindow, MetricsWriter, global_means
 from erw_fast.models import describe_attention_backend
 from erw_fast.monitor import TrainingMonitor
 from erw_fast.objectives import resolve_alignment_backend
-from erw_fast.phases import Phase, WarmupPhase, plan_phases
+from erw_fast.phases import Phase, plan_phases
+from erw_fast.reporting import progress_bar
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
 from erw_fast.step import BatchPlan, TrainStep
 from erw_fast.stop_signals import StopSignals
@@ -79,8 +80,12 @@ class Trainer:
         self.stop_exit_code = 0
         self._stop_signals = StopSignals(c.checkpoint.stop_signals)
         self._saved_step: int | None = None  # the step of the last checkpoint written by this process
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # built per phase
+        self.engine_build_s = 0.0
         self.model: nn.Module | None = None
+        self.loader: Any = None  # built in run(), at the resume step
+        self.monitor: TrainingMonitor | None = None
+        self._steps_left: int | None = None  # train.max_steps_per_run, counted down
 
     def log(self, message: str) -> None:
         if self.env.is_main:
@@ -112,15 +117,8 @@ class Trainer:
         self.phase = phase
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         started = time.perf_counter()
-        b = self.batch
-        if self.engine_kind == "deepspeed":
-            from erw_fast.engines.deepspeed_engine import DeepSpeedEngine
-
-            self.engine = DeepSpeedEngine(model, self.config, self.env, global_batch=b.global_batch,
-                                          micro_batch=b.micro_batch, accumulation=b.accumulation,
-                                          model_factory=lambda: self._new_model(phase), resume_info=resume_info)
-        else:
-            self.engine = LocalEngine(model, self.config, self.env, b.accumulation)
+        self.engine = build_engine(self.engine_kind, model, self.config, self.env, self.batch,
+                                   lambda: self._new_model(phase), resume_info)
         self.engine_build_s = time.perf_counter() - started
         self.model = self.engine.module
         self.stats.setdefault(phase.name, PhaseStats(phase.name))
@@ -128,12 +126,8 @@ class Trainer:
                  f"{len(model.blocks)} blocks, {n_params / 1e6:.2f}M trainable parameters, attention "
                  f"{describe_attention_backend(model.attention_backend)}, {phase.describe(self.device)}")
         self.log(f"engine: {self.engine.describe()} ({self.engine_reason}; built in {self.engine_build_s:.2f}s)")
-        ds_config = getattr(self.engine, "ds_config", None)
-        if ds_config is not None and self.env.is_main:  # what DeepSpeed ran with, after merging the user's JSON
-            path = self.run_dir / "deepspeed_config.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(ds_config, indent=2) + "\n")
-            self.log(f"DeepSpeed config (generated + merged): {path}")
+        if self.engine_kind == "deepspeed":
+            self.log(f"DeepSpeed config (generated + merged): {self.run_dir / 'deepspeed_config.json'}")
 
     def _hand_over(self, phase: Phase) -> None:
         """The previous phase's weights (fp32 masters, gathered under ZeRO) seed the next phase's model; the
@@ -189,19 +183,15 @@ class Trainer:
         return run.step
 
     def _init_from_reference(self, path: str) -> int:
-        """Start from a reference checkpoint: a warmup one (no final layer) becomes the first phase's end."""
-        ref = import_reference_checkpoint(path)
-        weights = ref["model"]
-        is_warmup = not any(k.startswith("final_layer.") for k in weights)
-        phase = self.phases[0] if is_warmup else self.phases[-1]
-        if is_warmup and not isinstance(phase, WarmupPhase):
-            raise ConfigError(f"{path} is a warmup (Phase-1) checkpoint, but run.mode is {self.config.run.mode!r}")
+        """Start from a reference checkpoint: a warmup one (no final layer) as if the warmup had just ended."""
+        phase, weights, ema, step = reference_start(path, self.phases, self.config.run.mode)
         model = self._new_model(phase)
         model.load_state_dict(weights, strict=True)  # before the engine takes (and may partition) the weights
         self._enter_phase(phase, model)
-        self.engine.ema.load_state_dict(ref["ema"] if ref["ema"] is not None else weights)
-        self.log(f"initialised from reference checkpoint {path} ({'Phase 1' if is_warmup else 'full model'})")
-        return phase.end if is_warmup else phase.start
+        self.engine.ema.load_state_dict(ema)
+        kind = "Phase 1" if step == phase.end else "full model"
+        self.log(f"initialised from reference checkpoint {path} ({kind})")
+        return step
 
     # --------------------------------------------------------------------------------------- the run
 
@@ -270,14 +260,9 @@ class Trainer:
     def _run_phase(self, phase: Phase, step: int, metrics: MetricsWriter | None) -> int:
         c = self.config
         stats = self.stats[phase.name]
-        progress = None
-        if self.env.is_main and c.logging.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=phase.end - phase.start, initial=step - phase.start, desc=phase.name,
-                            unit="step", dynamic_ncols=True, file=sys.stderr)
+        progress = progress_bar(phase, step) if self.env.is_main and c.logging.progress else None
         self.model.train()
-        window_start, window_steps, data_time = time.perf_counter(), 0, 0.0
+        window = LogWindow(self.batch.global_batch)
         while step < phase.end:
             stop = self._stop_signals.due(self.env.world_size)
             if self._steps_left == 0 or stop is not None:
@@ -290,27 +275,21 @@ class Trainer:
                 raise StopRun(f"train.max_steps_per_run={c.train.max_steps_per_run} steps ran", step)
             t0 = time.perf_counter()
             batch = next(self.loader)
-            data_time += time.perf_counter() - t0
+            window.data_s += time.perf_counter() - t0
             totals = self.train_step(self.engine, phase, step, batch)
-            step += 1
-            stats.steps += 1
-            stats.images += self.batch.global_batch
-            window_steps += 1
+            step, window.steps = step + 1, window.steps + 1
+            stats.steps, stats.images = stats.steps + 1, stats.images + self.batch.global_batch
             if step % c.logging.log_every == 0 or step == phase.end:
                 self._check_nonfinite(step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - window_start
+                elapsed, rates = window.close(self.device)
                 stats.wall_s += elapsed
-                record = {"step": step, "phase": phase.name, **self._global_means(totals), "lr": self.engine.lr(),
-                          "img_per_s": window_steps * self.batch.global_batch / elapsed,
-                          "step_time_s": elapsed / window_steps, "data_time_s": data_time / window_steps}
+                means = global_means(totals, self.env.world_size, self.device, self._stop_signals)
+                record = {"step": step, "phase": phase.name, **means, "lr": self.engine.lr(), **rates}
                 stats.final_loss = record["loss"]
                 if metrics is not None:
                     metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                window_start, window_steps, data_time = time.perf_counter(), 0, 0.0
             if progress is not None:
                 progress.update(1)
             if self._steps_left is not None:
@@ -326,21 +305,6 @@ class Trainer:
         if progress is not None:
             progress.close()
         return step
-
-    def _global_means(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Logged values are means over the global batch (one all-reduce, at logging steps only), so a run logs
-        the same numbers on any world size. The same all-reduce carries whether any rank received a stop signal,
-        so all ranks stop at the same step boundary."""
-        n = len(totals)
-        values = torch.stack([v.detach().float().to(self.device).reshape(()) for v in totals.values()])
-        if self.env.world_size > 1:
-            packed = torch.cat([values, torch.tensor(self._stop_signals.votes(), device=self.device)])
-            dist.all_reduce(packed)
-            values = torch.cat([packed[:n] / self.env.world_size, packed[n:]])
-        flat = values.tolist()  # one host sync
-        if self.env.world_size > 1:
-            self._stop_signals.agree(flat[n:])
-        return dict(zip(totals, flat[:n], strict=True))
 
     def _finish(self, step: int) -> None:
         c = self.config

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from erw_fast.kernels._utils import check_temperature
 from erw_fast.objectives.alignment import NEGATIVE_SETS, nt_xent_loss, repa_cosine_loss
 from erw_fast.objectives.interpolants import Interpolant
 
@@ -36,8 +37,7 @@ class AlignmentObjective:
             raise ValueError(f"unknown alignment objective {self.objective!r}; choose one of {ALIGNMENT_OBJECTIVES}")
         if self.negatives not in NEGATIVE_SETS:
             raise ValueError(f"unknown negatives {self.negatives!r}; choose one of {NEGATIVE_SETS}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
 
     def __call__(self, projs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.objective == "cosine":
