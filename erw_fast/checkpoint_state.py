@@ -126,13 +126,22 @@ def reference_start(path: str | Path, phases: Sequence[Phase],
     return phase, weights, ema, phase.end if is_warmup else phase.start
 
 
-def reference_args(c: Config, z_dims: Sequence[int]) -> dict[str, Any]:
-    """The `args` of a reference-layout checkpoint (what REPA/ERW's generate.py reads)."""
-    return {"model": c.model.name, "encoder_depth": c.alignment.encoder_depth, "enc_type": ",".join(c.encoder.names),
-            "proj_coeff": c.alignment.weight, "path_type": c.diffusion.path_type,
+def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dict[str, Any]:
+    """The `args` of a reference-layout export: the reference's keys (what REPA/ERW's generate.py reads) and the
+    whole architecture, so that the file alone rebuilds its model (``cli.loading`` reads them back). A warmup
+    (Phase-1) export describes the Phase-1 model: its projectors read block ``erw.warmup_depth``."""
+    kwargs = c.model.sit_kwargs(z_dims)
+    warmup = phase == "warmup"
+    return {"model": c.model.name, "phase": phase,
+            "encoder_depth": c.erw.warmup_depth if warmup else c.alignment.encoder_depth,
+            "enc_type": ",".join(c.encoder.names), "proj_coeff": c.alignment.weight, "path_type": c.diffusion.path_type,
             "weighting": c.diffusion.time_weighting, "resolution": c.encoder.resolution,
-            "num_classes": c.model.num_classes, "projector_embed_dims": ",".join(map(str, z_dims)),
-            "qk_norm": c.model.qk_norm, "use_rope": c.model.use_rope}
+            "projector_embed_dims": ",".join(map(str, z_dims)),
+            **{k: kwargs[k] for k in ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "input_size",
+                                      "in_channels", "num_classes", "class_dropout_prob", "projector_dim",
+                                      "qk_norm")},
+            "use_rope": c.erw.warmup_rope if warmup else c.model.use_rope,
+            **({"l2r_depth": c.erw.warmup_depth, "warmup_loss_weight": c.erw.warmup_loss_weight} if warmup else {})}
 
 
 def export_consolidated(model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],

@@ -99,6 +99,10 @@ class ERWConfig:
     half_life: float = 50_000
     reuse_projector: bool = True  # Phase 2 starts from the Phase-1 projector
     legacy_warmup_loss: bool = False  # reproduce the reference's last-sample-only warmup loss
+    # What the warmup back-propagates: weight · alignment loss (the reference's --proj-coeff, 0.5); the raw
+    # alignment loss is logged as loss_align either way.
+    warmup_loss_weight: float = 0.5
+    warmup_rope: bool = False  # the reference never uses RoPE in the warmup model (model.use_rope: Phase 2)
 
 
 @dataclass
@@ -385,6 +389,8 @@ def validate(config: Config) -> None:
             )
         if not 1 <= erw.warmup_depth <= depth:
             raise ConfigError(f"erw.warmup_depth ({erw.warmup_depth}) must be in [1, model depth {depth}]")
+        if not erw.warmup_loss_weight > 0:
+            raise ConfigError(f"erw.warmup_loss_weight must be > 0, got {erw.warmup_loss_weight}")
     if config.run.mode in ("erw", "repa"):
         if not 1 <= align.encoder_depth <= depth:
             raise ConfigError(

@@ -83,7 +83,8 @@ class Phase:
 
 
 class WarmupPhase(Phase):
-    """ERW Phase 1 (L2R warmup): alignment only, at t = 0, on the first ``depth`` blocks."""
+    """ERW Phase 1 (L2R warmup): weight · alignment loss, at t = 0, on the first ``depth`` blocks; no RoPE unless
+    asked for (the reference's warmup model never has it)."""
 
     name = "warmup"
     end_tag = "phase1"
@@ -91,19 +92,21 @@ class WarmupPhase(Phase):
     exported = False
 
     def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *, depth: int,
-                 reuse_projector: bool, legacy_loss: bool) -> None:
+                 reuse_projector: bool, legacy_loss: bool, weight: float, rope: bool) -> None:
         super().__init__(start, end, teacher, alignment)
         self.depth, self.reuse_projector, self.legacy_loss = depth, reuse_projector, legacy_loss
+        self.weight, self.rope = weight, rope
 
     def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
-        return SiTPhase1(self.depth, **sit_kwargs)
+        return SiTPhase1(self.depth, **{**sit_kwargs, "use_rope": self.rope})
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
              targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
         assert targets is not None
-        loss = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self.alignment,
-                           legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels)
-        return loss, {"loss": loss, "loss_align": loss}
+        align = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self.alignment,
+                            legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels)
+        loss = self.weight * align
+        return loss, {"loss": loss, "loss_align": align}
 
     def carry_into(self, weights: dict[str, torch.Tensor], model: nn.Module) -> TransferReport:
         return transfer_phase1_weights(weights, model, include_projectors=self.reuse_projector)
@@ -154,7 +157,8 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
         e = c.erw
         c0 = e.c0 if e.c0 is not None else erw_c0_preset(c.model.name)
         warmup = WarmupPhase(0, e.warmup_steps, teacher, alignment, depth=e.warmup_depth,
-                             reuse_projector=e.reuse_projector, legacy_loss=e.legacy_warmup_loss)
+                             reuse_projector=e.reuse_projector, legacy_loss=e.legacy_warmup_loss,
+                             weight=e.warmup_loss_weight, rope=e.warmup_rope)
         return [warmup, full("full", e.warmup_steps, ERWLambdaSchedule(c0, e.warmup_steps, total, e.half_life))]
     if c.run.mode == "repa":
         return [full("repa", 0, ConstantLambda(a.weight))]

@@ -314,8 +314,8 @@ class Trainer:
             model_state = self.engine.full_model_state(everywhere=False)
             ema_state = self.engine.full_ema_state(everywhere=False)
         if self.env.is_main and export:
-            paths = export_consolidated(model_state, ema_state, reference_args(c, self.teacher.z_dims), step,
-                                        self.run_dir / "reference")
+            args = reference_args(c, self.teacher.z_dims, self.phase.name)
+            paths = export_consolidated(model_state, ema_state, args, step, self.run_dir / "reference")
             self.log(f"reference-layout export: {', '.join(str(p) for p in paths)}")
         if self.env.is_main:
             from erw_fast.reporting import report_run

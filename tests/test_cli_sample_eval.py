@@ -176,7 +176,13 @@ def test_checkpoint_without_run_config_needs_the_architecture(demo_run, tmp_path
     lone = tmp_path / "elsewhere" / "reference" / ckpt.name  # no config.yaml two levels up
     lone.parent.mkdir(parents=True)
     shutil.copy(ckpt, lone)
-    # args say SiT-S/2 (6 heads), but this demo model is 128 wide with 4 heads: refuse instead of guessing.
+    # The export records the architecture: it alone rebuilds the demo's 128-wide, 4-head model.
+    assert load_sit_checkpoint(lone).kwargs["num_heads"] == 4
+    # An export that names only the model (written before exports recorded the architecture): args say SiT-S/2
+    # (6 heads), but this model is 128 wide with 4 heads: refuse instead of guessing.
+    state = torch.load(lone, weights_only=True)
+    state["args"] = {"model": state["args"]["model"], "encoder_depth": state["args"]["encoder_depth"]}
+    torch.save(state, lone)
     with pytest.raises(ValueError, match="--config"):
         load_sit_checkpoint(lone)
     loaded = load_sit_checkpoint(lone, config_path=config.run_dir / "config.yaml", ema=False)

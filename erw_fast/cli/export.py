@@ -23,7 +23,8 @@ def export(path: Path, out_dir: Path | None) -> list[Path]:
     model = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     z_dims = [model[k].shape[0] for k in sorted(model) if k.startswith("projectors.") and k.endswith(".4.weight")]
     out_dir = out_dir or path.parent.parent / "reference"
-    return export_consolidated(model, state["ema"], reference_args(config, z_dims), int(state["step"]), out_dir)
+    args = reference_args(config, z_dims, state["phase"])
+    return export_consolidated(model, state["ema"], args, int(state["step"]), out_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,8 @@ def sit_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
     if n_proj:
         kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
+    if "feat_rope.freqs_cos" in sd:  # absent tables say nothing: our checkpoints before they were persistent
+        kwargs["use_rope"] = True
     return kwargs
 
 
@@ -88,12 +90,22 @@ def _config_kwargs(config: Config) -> dict[str, Any]:
     return {**config.model.sit_kwargs(attn_backend="sdpa"), "encoder_depth": config.alignment.encoder_depth}
 
 
+# What an export's `args` records of the architecture (checkpoint_state.reference_args), and how to read it.
+_ARCH_ARGS = (("depth", int), ("hidden_size", int), ("num_heads", int), ("patch_size", int), ("mlp_ratio", float),
+              ("input_size", int), ("in_channels", int), ("qk_norm", bool), ("use_rope", bool), ("num_classes", int),
+              ("class_dropout_prob", float), ("projector_dim", int), ("encoder_depth", int))
+
+
 def _args_kwargs(args: dict[str, Any], model_name: str | None) -> dict[str, Any]:
+    """The model an export's `args` describes: the named size, then every architecture key it records."""
     name = model_name or args.get("model")
     kwargs: dict[str, Any] = sit_config(name) if name else {}
-    for key, cast in (("num_classes", int), ("encoder_depth", int), ("use_rope", bool)):
+    for key, cast in _ARCH_ARGS:
         if args.get(key) is not None:
             kwargs[key] = cast(args[key])
+    dims = args.get("projector_embed_dims")
+    if dims not in (None, ""):
+        kwargs["z_dims"] = [int(d) for d in str(dims).split(",")]
     return kwargs
 
 

@@ -45,7 +45,7 @@ def sit_layer_features(
         x_t, _ = interpolant.interpolate(xb, nb, tb)
         h, c = model.embed(x_t, tb, y[sl].to(device))
         for depth, block in enumerate(model.blocks):
-            h = block(h, c, model.rope)
+            h = block(h, c, model.feat_rope)
             out[depth, sl] = h.mean(dim=1).to(torch.float64).cpu()
     return out
 

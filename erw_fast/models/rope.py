@@ -3,6 +3,9 @@
 The head dimension is split in two halves: the first is rotated by the token's row index, the second by its
 column index. Within a half, adjacent channels (2i, 2i+1) form a rotated pair with frequency θ^(−2i/d_half).
 It is applied to q and k on top of the absolute sin-cos embedding that is added to the tokens.
+
+The tables are persistent buffers named as the reference's (``feat_rope.freqs_cos`` / ``freqs_sin`` in a SiT):
+released ERW Phase-2 checkpoints carry them and its ``inference.py`` loads strictly.
 """
 
 from __future__ import annotations
@@ -29,11 +32,16 @@ class Rope2D(nn.Module):
         rows = angles[:, None, :].expand(grid_size, grid_size, half)
         cols = angles[None, :, :].expand(grid_size, grid_size, half)
         table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)
-        # Not in the state dict: they are a function of the shape, and the reference has no such keys.
-        self.register_buffer("cos", table.cos(), persistent=False)
-        self.register_buffer("sin", table.sin(), persistent=False)
+        self.register_buffer("freqs_cos", table.cos())
+        self.register_buffer("freqs_sin", table.sin())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, heads, T, head_dim)."""
-        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        cos, sin = self.freqs_cos.to(x.dtype), self.freqs_sin.to(x.dtype)
         return x * cos + rotate_pairs(x) * sin
+
+    def fill_missing(self, state_dict: dict, prefix: str) -> None:
+        """Add this module's tables to a state dict that lacks them (checkpoints written before they were
+        persistent): they are a function of the shape, so nothing is lost."""
+        for name in ("freqs_cos", "freqs_sin"):
+            state_dict.setdefault(prefix + name, getattr(self, name))

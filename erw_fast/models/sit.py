@@ -128,12 +128,17 @@ class _SiTTrunk(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Frozen sin-cos table, kept as a parameter (requires_grad=False) because checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.rope = Rope2D(hidden_size // num_heads, self.x_embedder.grid_size) if use_rope else None
+        self.feat_rope = Rope2D(hidden_size // num_heads, self.x_embedder.grid_size) if use_rope else None
+        if use_rope:
+            self._register_load_state_dict_pre_hook(self._complete_rope_tables)
         self.blocks = nn.ModuleList(
             SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, attn_backend=attn_backend)
             for _ in range(num_built_blocks)
         )
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in self.z_dims)
+
+    def _complete_rope_tables(self, state_dict: dict, prefix: str, *args: object) -> None:
+        self.feat_rope.fill_missing(state_dict, prefix + "feat_rope.")
 
     @property
     def num_patches(self) -> int:
@@ -187,7 +192,7 @@ class _SiTTrunk(nn.Module):
             raise ValueError(f"depth must be in [0, {len(self.blocks)}] for this model, got {depth}")
         h, c = self.embed(x, t, y)
         for block in self.blocks[:depth]:
-            h = block(h, c, self.rope)
+            h = block(h, c, self.feat_rope)
         return h
 
 
@@ -255,7 +260,7 @@ class SiT(_SiTTrunk):
         h, c = self.embed(x, t, y, force_drop_ids)
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            h = block(h, c, self.rope)
+            h = block(h, c, self.feat_rope)
             if i + 1 == self.encoder_depth:
                 zs = self.project(h)
         return self.unpatchify(self.final_layer(h, c)), zs
@@ -312,7 +317,7 @@ class SiTPhase1(_SiTTrunk):
     ) -> list[torch.Tensor]:
         h, c = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
-            h = block(h, c, self.rope)
+            h = block(h, c, self.feat_rope)
         return self.project(h)
 
 
