@@ -334,6 +334,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", action="store_true", help="use the DeepSpeed engine")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", type=str, default=None,
                         help="a DeepSpeed JSON merged into the generated one (implies the DeepSpeed engine)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     return parser.parse_args(argv)
 
 
