@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +31,13 @@ import numpy as np
 import torch
 
 from erw_fast.atomic import TMP_PREFIX, atomic_write, remove_temp_files
+from erw_fast.errors import InputError
 
 __all__ = [
     "CHECKPOINT_SUBDIR",
+    "CHECKSUM_KEY",
     "ENGINE_SUBDIRS",
+    "CheckpointError",
     "capture_rng_state",
     "checkpoint_name",
     "export_reference_checkpoint",
@@ -46,6 +50,7 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "strip_wrapper_prefixes",
+    "tensor_checksums",
 ]
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -129,6 +134,70 @@ def _atomic_write(final: Path, write: Callable[[BinaryIO], None]) -> Path:
     return final
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor checksums
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKSUM_KEY = "tensor_crc32"  # {key path: crc32 of the tensor's bytes}, added by save_checkpoint
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used: unreadable, not plain data, or its tensors differ from when it was saved."""
+
+
+def _tensors(obj: Any, path: str = "") -> Any:
+    """(key path, tensor) of every tensor in plain checkpoint state, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{path}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}")
+
+
+def _crc32(t: torch.Tensor) -> int:
+    # The bytes torch.save writes for the tensor's elements; zlib's CRC-32 runs at ~2.6 GB/s on one core here
+    # (40 ms for a 105 MB state, against 140 ms for torch.save to memory), so every save can afford it.
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
+
+
+def tensor_checksums(state: dict) -> dict[str, int]:
+    """The CRC-32 of every tensor in ``state`` (except sparse/quantized ones, which checkpoints do not hold)."""
+    return {p: _crc32(t) for p, t in _tensors(state) if t.layout == torch.strided and not t.is_quantized}
+
+
+def _suggest_previous(path: Path) -> str:
+    """What to resume from instead of ``path``: the newest older checkpoint that loads and verifies (each one tried
+    is read in full; this runs only when ``path`` is bad)."""
+    candidate = _previous_checkpoint(path)
+    while candidate is not None:
+        try:
+            load_checkpoint(candidate, suggest=False)
+        except (CheckpointError, OSError):
+            candidate = _previous_checkpoint(candidate)
+            continue
+        return (f"resume from the previous checkpoint {candidate}, the last good one: checkpoint.resume={candidate}, "
+                f"or move {path.name} out of {path.parent} and rerun (checkpoint.resume=auto takes the newest left)")
+    return "no previous checkpoint of this run loads either: restore the file from a copy, or start over"
+
+
+def _verify(state: dict, path: Path, suggest: bool) -> dict:
+    expected = state.pop(CHECKSUM_KEY, None)
+    if expected is None:  # written before checksums existed: loads as it always did, unverified
+        return state
+    found = tensor_checksums(state)
+    bad = next((k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k)), None)
+    if bad is not None:
+        what = "missing" if bad not in found else "not in its checksum table" if bad not in expected else "changed"
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: tensor {bad} is {what} since it was saved (a flipped bit on disk, in "
+            f"memory or in a copy); {_suggest_previous(path) if suggest else 'refusing it'}")
+    return state
+
+
 def _torch_save_to(obj: Any) -> Callable[[BinaryIO], None]:
     # Looks `torch.save` up at call time (tests patch it to simulate a crash mid-write).
     return lambda f: torch.save(obj, f)
@@ -189,9 +258,11 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int 
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__qualname__}")
     _validate_plain(state)
+    if CHECKSUM_KEY in state:
+        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksums save_checkpoint adds")
 
     final = _checkpoint_dir(run_dir) / f"{checkpoint_name(step, tag)}.pt"
-    _atomic_write(final, _torch_save_to(state))
+    _atomic_write(final, _torch_save_to({**state, CHECKSUM_KEY: tensor_checksums(state)}))
 
     untagged = [p for p, _, t in _scan(run_dir) if t is None and p != final]
     # `final` occupies one of the keep_last slots.
@@ -248,28 +319,26 @@ def _previous_checkpoint(path: Path) -> Path | None:
     return older[-1] if older else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``.
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, suggest: bool = True) -> dict:
+    """Load a checkpoint with ``weights_only=True`` and verify its tensors against the checksums saved with them.
 
-    Missing file -> FileNotFoundError; unreadable (truncated, corrupt, or holding non-plain objects) -> RuntimeError
-    naming the file and pointing at the previous checkpoint to resume from instead.
+    Missing file -> FileNotFoundError. Unreadable (truncated, corrupt, holding non-plain objects) or a tensor whose
+    checksum differs -> CheckpointError naming the file and the newest older checkpoint that loads (``suggest``).
+    Checkpoints written before checksums existed load unverified.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        prev = _previous_checkpoint(path)
-        suggestion = (
-            f"resume from the previous checkpoint {prev} instead (or delete {path.name})"
-            if prev is not None
-            else "resume from a previous checkpoint instead"
-        )
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not read checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"the file is truncated, corrupt or not plain data -- {suggestion}"
+            f"the file is truncated, corrupt or not plain data -- {_suggest_previous(path) if suggest else 'refused'}"
         ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint's state dict")
+    return _verify(state, path, suggest)
 
 
 # ----------------------------------------------------------------------------------------------------------------
