@@ -27,12 +27,10 @@ from torch import nn
 from erw_fast.compile import compile_model, describe_compile
 from erw_fast.config import Config, ConfigError
 from erw_fast.engines.base import StepOutcome
+from erw_fast.engines.deepspeed_files import NATIVE_DIR, UNIVERSAL_DIR, deepspeed_location, restricted_loads
 from erw_fast.engines.ds_config import build_deepspeed_config, load_user_json
 from erw_fast.engines.sharded_ema import ShardedEMA, _gathered
 from erw_fast.runtime import DistEnv
-
-NATIVE_DIR = "deepspeed"
-UNIVERSAL_DIR = "deepspeed-universal"
 
 
 def _free_port() -> int:
@@ -192,13 +190,15 @@ class DeepSpeedEngine:
         }
 
     def load_checkpoint_state(self, state: dict[str, Any], directory: Path) -> None:
-        info = state["engine"]
-        native = directory / info["dir"]
-        load_dir = self._universal(native, info["tag"], directory / UNIVERSAL_DIR) if self.universal else native
-        path, _ = self.engine.load_checkpoint(str(load_dir), tag=info["tag"], load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        native, tag = deepspeed_location(directory, state["engine"], f"the checkpoint resumed from {directory}")
+        # DeepSpeed reads its files with a full unpickler; restricted_loads makes those reads weights_only=True
+        # with DeepSpeed's few checkpoint classes allowed, so a crafted file in the directory runs no code.
+        with restricted_loads():
+            load_dir = self._universal(native, tag, directory / UNIVERSAL_DIR) if self.universal else native
+            path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint {info['tag']!r} in {load_dir}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
         self.ema.load_state_dict(state["ema"])
 
     def _universal(self, native: Path, tag: str, root: Path) -> Path:
