@@ -78,6 +78,9 @@ class EncoderConfig:
     # weight traffic; the forward is in bf16 either way under bf16 autocast).
     dtype: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # regional torch.compile of the teacher's blocks (train.compile_mode/_backend)
+    # A TorchScript archive given as weights runs its own code when loaded: read one only when its sha256 is a
+    # known release (OpenAI's CLIP files) or when this says the file is trusted.
+    trust_torchscript: bool = False
 
 
 @dataclass

@@ -577,7 +577,7 @@ def test_pretrained_download_path_uses_release_file(monkeypatch, tmp_path, dinov
     orig = _to_dinov2_original(dinov2_s.model.state_dict(), reg=False, grid=37)
     fetched = []
 
-    def fake_download(url, dst, progress=True):
+    def fake_download(url, dst, hash_prefix=None, progress=True):
         fetched.append(url)
         torch.save(orig, dst)
 

@@ -1,6 +1,7 @@
 """Reading encoder checkpoints and mapping them onto the timm VisionTransformer layout.
 
-Accepted formats (``.safetensors`` or torch pickles, always read with ``weights_only=True``):
+Accepted formats (``.safetensors`` or torch pickles, always read with ``weights_only=True``; TorchScript archives
+only when their sha256 is a known release or ``encoder.trust_torchscript`` is set):
 - timm / this package's own ``Encoder.model.state_dict()`` (or ``Encoder.state_dict()``, prefix ``model.``);
 - DINOv2 as released by facebookresearch (``mask_token``, ``register_tokens``, SwiGLU ``w12``/``w3``);
 - OpenAI / open_clip CLIP (``visual.conv1.weight`` ...; the text tower is ignored);
@@ -14,6 +15,7 @@ antialiased), exactly the call REPA makes on DINOv2 / MoCo v3 / MAE weights.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from erw_fast.errors import InputError
 
 from .registry import EncoderSpec
 from .timm_compat import import_timm
@@ -40,12 +44,33 @@ _CONTAINERS: dict[str, tuple[str, ...]] = {
 _GENERIC_PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.")
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(InputError):
     """A checkpoint could not be read or does not fit the encoder architecture."""
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
-    """Load a checkpoint file safely (safetensors, or torch.load with weights_only=True)."""
+# TorchScript archives released with a published sha256: OpenAI's CLIP files, whose download URL carries it
+# (openaipublic.azureedge.net/clip/models/<sha256>/ViT-L-14.pt, the files REPA's CLIP teacher loads).
+KNOWN_TORCHSCRIPT_SHA256 = {
+    "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836": "OpenAI CLIP ViT-L/14 (ViT-L-14.pt)",
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02": "OpenAI CLIP ViT-L/14@336px",
+}
+
+
+def sha256_of(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike[str], trust_torchscript: bool = False) -> Mapping[str, Any]:
+    """Load a checkpoint file safely (safetensors, or torch.load with weights_only=True).
+
+    A TorchScript archive is read only when its sha256 is a known release (``KNOWN_TORCHSCRIPT_SHA256``) or
+    ``trust_torchscript``: loading TorchScript runs the code stored in the archive (its ``__setstate__`` methods
+    can write files), so an unknown one is refused.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise EncoderWeightsError(f"encoder weights file not found: {path}")
@@ -58,8 +83,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     except Exception as exc:
         error: Exception = exc
     if _is_torchscript_archive(path):
-        # OpenAI's CLIP release (ViT-L-14.pt) is a TorchScript archive; loading TorchScript does not
-        # unpickle arbitrary Python objects, so reading its parameters this way stays safe.
+        digest = sha256_of(path)
+        if digest not in KNOWN_TORCHSCRIPT_SHA256 and not trust_torchscript:
+            raise EncoderWeightsError(
+                f"{path} is a TorchScript archive (sha256 {digest}) that is not a known release; loading one runs "
+                "the code stored in it, so it is refused. Convert it to a state dict or .safetensors where you "
+                "trust it, or set encoder.trust_torchscript=true if you trust this file")
         try:
             return dict(torch.jit.load(path, map_location="cpu").state_dict())
         except Exception as jit_exc:  # pragma: no cover - depends on the file

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from .checkpoints import EncoderWeightsError, adapt_pos_embed, check_keys, convert_state_dict, read_checkpoint
+from .checkpoints import (
+    EncoderWeightsError,
+    adapt_pos_embed,
+    check_keys,
+    convert_state_dict,
+    read_checkpoint,
+    sha256_of,
+)
 from .preprocess import preprocess_raw_image
 from .registry import BASE_RESOLUTION, EncoderSpec, check_resolution, get_encoder_spec, parse_encoder_names
 from .timm_compat import import_timm
@@ -144,10 +153,45 @@ class Encoder(nn.Module):
 
 
 # -- loading -----------------------------------------------------------------------------------------------
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.")
+
+
+def published_sha256(url: str) -> str | None:
+    """The sha256 (or the prefix of it) a release publishes in its download URL: OpenAI's ``…/<sha256>/file.pt``
+    path segment, or torch.hub's ``name-<hex prefix>.ext`` file names. DINOv2, MoCo v3, MAE and I-JEPA publish
+    none."""
+    parts = urlparse(url).path.split("/")
+    if len(parts) >= 2 and _SHA256_HEX.fullmatch(parts[-2]):
+        return parts[-2]
+    # torch.hub's own pattern is "-([a-f0-9]*)\." (check_hash); at least 8 digits here, so that I-JEPA's
+    # "IN1K-vit.h.14-300e.pth.tar" is not read as the hash "300e".
+    match = _HASH_PREFIX.search(parts[-1])
+    return match.group(1) if match else None
+
+
+def corrupt_hub_files(hub_id: str, cache_dir: str | None = None) -> list[str]:
+    """Cached weight files of Hugging Face repository ``hub_id`` whose content is not the sha256 the hub publishes
+    for them: the cache stores an LFS file as ``blobs/<its sha256>``, so the name is the published hash."""
+    from huggingface_hub import try_to_load_from_cache
+
+    bad = []
+    names = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    for name in names:
+        found = try_to_load_from_cache(hub_id, name, cache_dir=cache_dir)
+        if not isinstance(found, str):
+            continue
+        blob = os.path.basename(os.path.realpath(found))
+        if _SHA256_HEX.fullmatch(blob) and sha256_of(found) != blob:
+            bad.append(found)
+    return bad
+
+
 def _fetch_pretrained(
-    spec: EncoderSpec, resolution: int, model_kwargs: Mapping[str, Any] | None
+    spec: EncoderSpec, resolution: int, model_kwargs: Mapping[str, Any] | None, trust_torchscript: bool = False
 ) -> tuple[Mapping[str, Any], str]:
-    """Reference weights: the original release file via the torch.hub cache, else timm's HF hub.
+    """Reference weights: the original release file via the torch.hub cache, else timm's HF hub; checked against
+    the sha256 the release publishes, where it publishes one.
 
     Returns (raw checkpoint, description of the source).
     """
@@ -156,17 +200,23 @@ def _fetch_pretrained(
         # Same file torch.hub.load('facebookresearch/dinov2', ...) and REPA's ckpts/ use, kept in the
         # torch.hub cache, so a copy placed there works offline.
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(spec.weights_url))
+        expected = published_sha256(spec.weights_url)
         if not os.path.isfile(cached):
             try:
                 os.makedirs(os.path.dirname(cached), exist_ok=True)
-                torch.hub.download_url_to_file(spec.weights_url, cached, progress=False)
+                # hash_prefix: torch.hub hashes while downloading and keeps nothing that differs
+                torch.hub.download_url_to_file(spec.weights_url, cached, hash_prefix=expected, progress=False)
             except Exception as exc:
                 raise EncoderWeightsError(
                     f"could not download pretrained weights for encoder '{spec.name}' from "
                     f"{spec.weights_url} ({type(exc).__name__}: {exc}). No network here? {hint} "
                     f"(or put the file at {cached})."
                 ) from exc
-        return read_checkpoint(cached), f"{spec.weights_url} (cached at {cached})"
+        elif expected and not sha256_of(cached).startswith(expected):
+            raise EncoderWeightsError(f"{cached} is not the file its release publishes (sha256 {expected}…): damaged "
+                                      "or replaced; delete it to download it again")
+        check = "sha256 verified" if expected else "the release publishes no hash"
+        return read_checkpoint(cached, trust_torchscript), f"{spec.weights_url} (cached at {cached}; {check})"
     timm = import_timm()
     try:
         with torch.device("cpu"):
@@ -178,7 +228,13 @@ def _fetch_pretrained(
             f"could not fetch pretrained weights for encoder '{spec.name}' through timm "
             f"('{spec.timm_name}', Hugging Face hub) ({type(exc).__name__}: {exc}). No network here? {hint}."
         ) from exc
-    return ref.state_dict(), f"timm pretrained '{spec.timm_name}' (Hugging Face hub)"
+    hub_id = (getattr(ref, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    bad = corrupt_hub_files(hub_id) if hub_id else []
+    if bad:
+        raise EncoderWeightsError(f"{bad[0]} is not the file the Hugging Face hub publishes for {hub_id} (its sha256 "
+                                  "differs): damaged or replaced; delete it to download it again")
+    check = ", sha256 verified" if hub_id else ""
+    return ref.state_dict(), f"timm pretrained '{spec.timm_name}' (Hugging Face hub{check})"
 
 
 def load_encoder(
@@ -190,12 +246,14 @@ def load_encoder(
     dtype: torch.dtype | None = None,
     *,
     model_kwargs: Mapping[str, Any] | None = None,
+    trust_torchscript: bool = False,
 ) -> Encoder:
     """Build the frozen encoder `name` for `resolution`-px images.
 
     pretrained=False: random weights (tests, offline machines; ``device="meta"`` builds shapes only).
     pretrained=True: `weights_path` (timm or original-release format, .safetensors or a weights-only torch
-    checkpoint) if given, else the reference download. Loading is strict except for dropped heads.
+    checkpoint; a TorchScript archive only if a known release or `trust_torchscript`) if given, else the
+    reference download. Loading is strict except for dropped heads.
     """
     spec = get_encoder_spec(name)
     check_resolution(resolution, spec.base_resolution)
@@ -216,9 +274,9 @@ def load_encoder(
         raise ValueError("device='meta' only builds shapes: use pretrained=False")
     if weights_path is not None:
         source = f"local file {os.fspath(weights_path)}"
-        raw = read_checkpoint(weights_path)
+        raw = read_checkpoint(weights_path, trust_torchscript)
     else:
-        raw, source = _fetch_pretrained(spec, resolution, model_kwargs)
+        raw, source = _fetch_pretrained(spec, resolution, model_kwargs, trust_torchscript)
 
     # Build on the meta device and adopt the checkpoint tensors (assign=True): skips random init, which
     # takes tens of seconds for ViT-g / ViT-H on CPU.
@@ -251,6 +309,7 @@ def load_encoders(
     *,
     model_kwargs: Mapping[str, Any] | None = None,
     weights_paths: Sequence[PathLike | None] | Mapping[str, PathLike] | None = None,
+    trust_torchscript: bool = False,
 ) -> list[Encoder]:
     """Load every encoder in a REPA ``enc_type`` string (``"dinov2-vit-b,clip-vit-L"``) or list.
 
@@ -279,7 +338,8 @@ def load_encoders(
         if len(paths) != len(canon):
             raise ValueError(f"{len(paths)} weights paths for {len(canon)} encoders {canon}")
     return [
-        load_encoder(n, resolution, pretrained, p, device, dtype, model_kwargs=model_kwargs)
+        load_encoder(n, resolution, pretrained, p, device, dtype, model_kwargs=model_kwargs,
+                     trust_torchscript=trust_torchscript)
         for n, p in zip(canon, paths, strict=True)
     ]
 

@@ -47,7 +47,7 @@ def load_teacher(config: Config, device: torch.device, sit_tokens: int,
         torch.manual_seed(config.run.seed + 7919)
         encoders = load_encoders(
             enc.names, resolution=enc.resolution, pretrained=enc.pretrained,
-            weights_paths=enc.weights_paths or None, device=device,
+            weights_paths=enc.weights_paths or None, device=device, trust_torchscript=enc.trust_torchscript,
             dtype=torch.bfloat16 if enc.dtype == "bf16" else torch.float32,
         )
     if enc.compile:
