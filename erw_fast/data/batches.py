@@ -6,8 +6,9 @@ Shared by the webdataset and the DALI loader so both produce the same samples fo
   ``s // steps_per_epoch``;
 * the slot of (original) index ``i`` gets ``key = sample_key(seed, epoch, i)``; it decides the flip (when enabled)
   and, on the device, the latent noise;
-* a sample that cannot be read raises (``on_error="raise"``: ``SampleError`` naming shard and key) or is replaced
-  by the next readable index (``"skip"``; unusable shards are jumped over), keeping the slot's key, and counted.
+* a sample that cannot be read, or whose latent moments or features hold NaN/inf, raises (``on_error="raise"``:
+  ``SampleError`` naming shard and key) or is replaced by the next readable index (``"skip"``; unusable shards are
+  jumped over), keeping the slot's key, and counted.
 """
 
 from __future__ import annotations
@@ -149,6 +150,12 @@ class BatchAssembler:
         flipped if ``flip``); otherwise as stored (encoded bytes, or the raw array unflipped) for DALI to decode."""
         members = self._members(flip)
         got = self.shards.read(index, members, out)
+        numeric = [MEMBER_MOMENTS_FLIP if flip else MEMBER_MOMENTS] + ([MEMBER_FEATURES] if self.opts.features else [])
+        for member in numeric:
+            # A NaN/inf here would make every step that draws this sample non-finite, and the step would be
+            # skipped without saying why: name the sample and let on_error decide, as for any corrupt sample.
+            if not np.isfinite(got[member]).all():
+                raise self.shards.error(index, f"{member} holds NaN or inf values")
         label = self.shards.label(index, got[MEMBER_LABEL])
         if not 0 <= label < self.num_classes:
             raise self.shards.error(index, f"label {label} outside [0, {self.num_classes})")

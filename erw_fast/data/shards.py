@@ -46,6 +46,7 @@ import numpy as np
 
 from erw_fast.atomic import atomic_write_bytes, fsync_file, replace_durably
 from erw_fast.data.images import IMAGE_FORMATS, IMAGE_MEMBER
+from erw_fast.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,16 @@ Verify = Literal["none", "size", "checksum"]
 OnError = Literal["raise", "skip"]
 
 
-class DataError(RuntimeError):
+class DataError(InputError):
     """A dataset problem: missing/corrupt shard or sample, or a manifest that does not fit the request."""
 
 
 class SampleError(DataError):
     """A sample that cannot be read; names the shard and the key."""
 
-    def __init__(self, shard: str, key: str, reason: str) -> None:
-        super().__init__(f"shard {shard}, key {key}: {reason}")
+    def __init__(self, shard: str, key: str = "", reason: str = "") -> None:
+        # One argument: a DataLoader worker's error re-raised in the main process, built from its message alone.
+        super().__init__(f"shard {shard}, key {key}: {reason}" if key else shard)
         self.shard, self.key, self.reason = shard, key, reason
 
 
@@ -340,8 +342,14 @@ class Manifest:
         path = Path(root) / MANIFEST_NAME
         if not path.is_file():
             raise DataError(f"no {MANIFEST_NAME} in {root} (not a prepared dataset, or erw-prepare has not finished)")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), str(path))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is damaged: not valid JSON ({exc}); rerun erw-prepare on the dataset to rewrite "
+                            "it (finished shards are kept), or restore the file") from exc
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: not an erw_fast latent-shard manifest (a JSON {type(data).__name__})")
+        return cls.from_dict(data, str(path))
 
     def save(self, root: str | os.PathLike[str]) -> None:
         atomic_write_bytes(Path(root) / MANIFEST_NAME, self.to_json().encode())
