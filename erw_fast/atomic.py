@@ -11,6 +11,7 @@ has a single writer.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Callable
@@ -61,10 +62,27 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``error``, if any: torch.save reports a full disk as its own RuntimeError
+    ("inline_container.cc … unexpected pos") with the OSError only in the chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
     """Create or replace ``path`` with what ``write`` puts into the binary file it is handed; returns the path.
 
-    The parent directory is created if needed. ``write`` must not close the file.
+    The parent directory is created if needed. ``write`` must not close the file. A full disk (or quota) anywhere
+    in the write is raised as one ``OSError(ENOSPC)`` naming the path.
     """
     final = Path(path)
     directory = final.parent
@@ -77,9 +95,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             write(f)
             fsync_file(f)  # data on disk before the rename publishes it
         replace_durably(tmp, final)
-    except BaseException:
+    except BaseException as error:
         # Disk full or Ctrl-C must not leave a (possibly multi-GB) temp behind; `final` was never touched.
         _remove_quietly(tmp)
+        full = _disk_full(error)
+        if full is not None:
+            name = errno.errorcode.get(full.errno, "ENOSPC")
+            raise OSError(full.errno, f"{os.strerror(full.errno)} ({name}) while writing {final}; nothing was "
+                          f"replaced: free space in {directory} and rerun") from error
         raise
     return final
 
