@@ -426,6 +426,53 @@ def validate(config: Config) -> None:
             f"model.input_size ({config.model.input_size}) is not divisible by the patch size "
             f"{config.model.patch_size or patch}"
         )
+    _check_ranges(config)
+
+
+# Numeric ranges: (dotted key, whether a value is allowed, the rule, what the key means). None (an optional left
+# unset) always passes. Without these, 0 or a negative value failed only later: a ZeroDivisionError after step 1
+# (checkpoint.every, logging.log_every), an abort of a healthy run (train.max_nonfinite_steps), or was accepted.
+_RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str, str], ...] = (
+    ("checkpoint.every", lambda v: v >= 1, "≥ 1", "steps between checkpoints"),
+    ("logging.log_every", lambda v: v >= 1, "≥ 1", "steps between logged records"),
+    ("train.max_nonfinite_steps", lambda v: v >= 1, "≥ 1", "non-finite steps in a row that stop the run"),
+    ("train.max_steps_per_run", lambda v: v >= 1, "≥ 1", "steps per invocation; leave unset for no limit"),
+    ("train.micro_batch_size", lambda v: v >= 1, "≥ 1", "samples per micro-batch; leave unset for no accumulation"),
+    ("run.seed", lambda v: v >= 0, "≥ 0", "the run's seed"),
+    ("encoder.resolution", lambda v: v >= 1, "≥ 1", "the image side the encoder sees"),
+    ("model.class_dropout_prob", lambda v: 0 <= v <= 1, "in [0, 1]", "the label-dropout probability"),
+    ("erw.half_life", lambda v: v > 0, "> 0", "steps over which λ halves"),
+    ("erw.c0", lambda v: v >= 0, "≥ 0", "λ's starting value; leave unset for the preset"),
+    ("alignment.weight", lambda v: v >= 0, "≥ 0", "REPA's λ"),
+    ("optim.lr", lambda v: v >= 0, "≥ 0", "the learning rate"),
+    ("optim.weight_decay", lambda v: v >= 0, "≥ 0", "AdamW's weight decay"),
+    ("optim.eps", lambda v: v > 0, "> 0", "AdamW's epsilon"),
+    ("optim.grad_clip", lambda v: v >= 0, "≥ 0", "the clipping norm; 0 disables clipping"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)", "AdamW's betas"),
+    ("data.num_samples", lambda v: v >= 1, "≥ 1", "the demo dataset's size"),
+    ("data.image_size", lambda v: v >= 1, "≥ 1", "the image side"),
+    ("data.num_workers", lambda v: v >= 0, "≥ 0", "loader worker processes; 0 reads in the training process"),
+    ("data.loader_threads", lambda v: v >= 0, "≥ 0", "loader threads; 0 for none"),
+    ("data.prefetch", lambda v: v >= 1, "≥ 1", "batches queued per worker"),
+    ("data.dali_threads", lambda v: v >= 1, "≥ 1", "DALI's CPU threads"),
+    ("data.latent_scale", lambda v: v > 0, "> 0", "the VAE scaling factor; leave unset for the manifest's"),
+    ("logging.sample_every", lambda v: v >= 0, "≥ 0", "steps between sample grids; 0 is off"),
+    ("logging.sample_count", lambda v: v >= 1, "≥ 1", "images per sample grid"),
+    ("logging.sample_steps", lambda v: v >= 1, "≥ 1", "sampler steps of the grids"),
+    ("logging.cknna_every", lambda v: v >= 0, "≥ 0", "steps between CKNNA measurements; 0 is off"),
+    ("logging.cknna_samples", lambda v: v >= 2, "≥ 2", "samples of the CKNNA batch"),
+    ("logging.cknna_t", lambda v: 0 <= v <= 1, "in [0, 1]", "the CKNNA noise level"),
+    ("logging.fid_every", lambda v: v >= 0, "≥ 0", "steps between FID measurements; 0 is off"),
+    ("logging.fid_samples", lambda v: v >= 2, "≥ 2", "samples per FID measurement"),
+)
+
+
+def _check_ranges(config: Config) -> None:
+    for key, allowed, rule, meaning in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and not allowed(value):
+            raise ConfigError(f"{key}: must be {rule}, got {value!r} ({meaning})")
 
 
 def dump_config(config: Config, path: str | Path) -> None:

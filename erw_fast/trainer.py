@@ -345,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.deepspeed_config:
             overrides.append(f"engine.deepspeed_config={args.deepspeed_config}")
         config = load_config(args.config, overrides)
+        from erw_fast.preflight import preflight
+
+        preflight(config)  # every cheap check of the config against this machine, before anything is built
         # The deepspeed launcher passes --local_rank (unless --no_local_rank) and always sets CROSS_RANK.
         launched_by_deepspeed = args.local_rank is not None or "CROSS_RANK" in os.environ
         engine, reason = select_engine(config, deepspeed_flag=args.deepspeed, deepspeed_launcher=launched_by_deepspeed)
