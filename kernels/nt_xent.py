@@ -11,6 +11,13 @@ Candidate sets are described by a "group" indexing shared by all kernels: group 
 g * group_stride + r * elem_stride. Batch negatives are one group of M members (stride 0, 1); position
 negatives are T groups of B members (stride 1, T), so the (B, T, D) layout is used as is, with no permute.
 
+A larger key set (global negatives): local queries x (B*T rows) against keys y of B_k >= B images (B_k*T rows,
+e.g. the teacher features of the whole global batch), the positive of query row r being key row o*T + r
+(o = key_offset, the local images' place in the key set). The key groups share the queries' strides and only
+hold more members (`key_group_size`: B_k*T or B_k), so every logit kernel takes both counts; the positives
+are the key slice y[o*T : o*T + B*T] (row_stats' cosines and the -k term of the gradient). One-sided only,
+no gradient for such keys; the square case (B_k = B, o = 0) is the in-batch loss, launched as before.
+
 Kernels
   forward  row_stats (norms, cosines = positive logits; see cosine.py), then `_lse_kernel` per query block:
            loop over key blocks, each logit tile built by a loop over D in BLOCK_D chunks (no power-of-two
@@ -118,10 +125,10 @@ def _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS:
 
 
 @triton.jit
-def _key_range(blocks_per_split, group_size, BLOCK_N: tl.constexpr):
+def _key_range(blocks_per_split, key_group_size, BLOCK_N: tl.constexpr):
     """[n_lo, n_hi): the key positions of this program's split (program_id(2)) within its group."""
     n_lo = tl.program_id(2) * blocks_per_split * BLOCK_N
-    return n_lo, tl.minimum(n_lo + blocks_per_split * BLOCK_N, group_size)
+    return n_lo, tl.minimum(n_lo + blocks_per_split * BLOCK_N, key_group_size)
 
 
 @triton.jit
@@ -133,7 +140,7 @@ def _logit_tile(
     row_mask,
     row_scale,
     n0,
-    group_size,
+    key_group_size,
     group_stride,
     elem_stride,
     D,
@@ -146,7 +153,7 @@ def _logit_tile(
 ):
     """Base-2 logits s_ij * log2(e) of the key block starting at n0, with its key rows, mask and 1/|y|."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    col_mask = offs_n < group_size
+    col_mask = offs_n < key_group_size
     cols = tl.program_id(1) * group_stride + offs_n * elem_stride
     col_scale = 1.0 / tl.maximum(tl.load(NORM_Y + cols, mask=col_mask, other=1.0), EPS)
     s = _raw_logits(X, Y, rows, cols, row_mask, col_mask, D, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST)
@@ -163,6 +170,7 @@ def _lse_kernel(
     OUT_L,
     n_rows,
     group_size,
+    key_group_size,
     group_stride,
     elem_stride,
     D,
@@ -184,13 +192,13 @@ def _lse_kernel(
     them. Splitting keys gives small problems enough programs to fill the GPU (flash-decoding's idea).
     """
     split = tl.program_id(2)
-    n_lo, n_hi = _key_range(blocks_per_split, group_size, BLOCK_N)
+    n_lo, n_hi = _key_range(blocks_per_split, key_group_size, BLOCK_N)
     rows, row_mask, row_scale = _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS, BLOCK_M)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         s, _cols, col_mask, _col_scale = _logit_tile(
-            X, Y, NORM_Y, rows, row_mask, row_scale, n0, group_size, group_stride, elem_stride, D, EPS,
+            X, Y, NORM_Y, rows, row_mask, row_scale, n0, key_group_size, group_stride, elem_stride, D, EPS,
             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         # Every key block holds at least one valid column (no split is empty, see tiles.key_splits), so m_new
@@ -217,6 +225,7 @@ def _grad_kernel(
     ACC,
     n_rows,
     group_size,
+    key_group_size,
     group_stride,
     elem_stride,
     D,
@@ -239,7 +248,7 @@ def _grad_kernel(
     (partials, summed by `_normalize_bwd_kernel`), so no two programs write the same element.
     """
     split = tl.program_id(2)
-    n_lo, n_hi = _key_range(blocks_per_split, group_size, BLOCK_N)
+    n_lo, n_hi = _key_range(blocks_per_split, key_group_size, BLOCK_N)
     rows, row_mask, row_scale = _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS, BLOCK_M)
     if HAS_LSE_X:
         lse_x = tl.load(LSE_X + rows, mask=row_mask, other=0.0) * 1.4426950408889634
@@ -248,7 +257,7 @@ def _grad_kernel(
     acc_base = (split.to(tl.int64) * n_rows + rows.to(tl.int64))[:, None] * D
     for n0 in range(n_lo, n_hi, BLOCK_N):
         s, cols, col_mask, col_scale = _logit_tile(
-            X, Y, NORM_Y, rows, row_mask, row_scale, n0, group_size, group_stride, elem_stride, D, EPS,
+            X, Y, NORM_Y, rows, row_mask, row_scale, n0, key_group_size, group_stride, elem_stride, D, EPS,
             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -319,6 +328,7 @@ def _lse_grad_kernel(
     ACC,
     n_rows,
     group_size,
+    key_group_size,
     group_stride,
     elem_stride,
     D,
@@ -341,14 +351,14 @@ def _lse_grad_kernel(
     every one in the backward).
     """
     split = tl.program_id(2)
-    n_lo, n_hi = _key_range(blocks_per_split, group_size, BLOCK_N)
+    n_lo, n_hi = _key_range(blocks_per_split, key_group_size, BLOCK_N)
     rows, row_mask, row_scale = _query_block(NORM_X, group_size, group_stride, elem_stride, scale_log2, EPS, BLOCK_M)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_base = (split.to(tl.int64) * n_rows + rows.to(tl.int64))[:, None] * D
     for n0 in range(n_lo, n_hi, BLOCK_N):
         s, cols, col_mask, col_scale = _logit_tile(
-            X, Y, NORM_Y, rows, row_mask, row_scale, n0, group_size, group_stride, elem_stride, D, EPS,
+            X, Y, NORM_Y, rows, row_mask, row_scale, n0, key_group_size, group_stride, elem_stride, D, EPS,
             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         s = tl.where(col_mask[None, :], s, float("-inf"))  # no split is empty: m_new is finite
@@ -452,8 +462,19 @@ def _groups(b: int, t: int, position: bool) -> tuple[int, int, int, int]:
     return b * t, 1, 0, 1
 
 
+def _key_group_size(b_keys: int, t: int, position: bool) -> int:
+    """Keys per candidate set for (B_k, T, D) key rows. The keys' groups share the queries' strides (the (B, T, D)
+    layout, T tokens per image), so a larger key set changes only this count: the B_k keys at one token position,
+    or all B_k * T keys."""
+    return b_keys if position else b_keys * t
+
+
 class _LogitPlan:
-    """Tiles, grid (query blocks, groups, key splits) and the shared arguments of one logit-kernel launch."""
+    """Tiles, grid (query blocks, groups, key splits) and the shared arguments of one logit-kernel launch.
+
+    `groups` describes the query rows x; `key_group_size` (default: the query group size) the keys per group,
+    larger when local queries meet a larger key set. Tiles follow the query group size.
+    """
 
     def __init__(
         self,
@@ -463,19 +484,22 @@ class _LogitPlan:
         temperature: float,
         input_precision: str,
         bytes_per_split: int = 0,
+        key_group_size: int | None = None,
     ) -> None:
         group_size, n_groups, group_stride, elem_stride = groups
+        key_group_size = group_size if key_group_size is None else key_group_size
         n, d = x.shape
         self.kernel = kernel
         self.tiles = logit_tiles(kernel, group_size, d, x.dtype, x.device)
         query_blocks = triton.cdiv(group_size, self.tiles.block_m)
-        key_blocks = triton.cdiv(group_size, self.tiles.block_n)
+        key_blocks = triton.cdiv(key_group_size, self.tiles.block_n)
         self.splits = key_splits(query_blocks * n_groups, key_blocks, x.device, bytes_per_split)
         self.grid = (query_blocks, n_groups, self.splits)
         precision, upcast = _utils.dot_settings(x.dtype, input_precision)
         self.geometry = dict(
             n_rows=n,
             group_size=group_size,
+            key_group_size=key_group_size,
             group_stride=group_stride,
             elem_stride=elem_stride,
             D=d,
@@ -497,10 +521,11 @@ def _lse(
     groups: tuple[int, int, int, int],
     temperature: float,
     input_precision: str,
+    key_group_size: int | None = None,
 ) -> Tensor:
     """Per-row LSE over each row's candidate keys (fp32, natural log)."""
     n = x.shape[0]
-    plan = _LogitPlan("lse", x, groups, temperature, input_precision)
+    plan = _LogitPlan("lse", x, groups, temperature, input_precision, key_group_size=key_group_size)
     out_m = _utils.empty((plan.splits, n), torch.float32, x.device)
     out_l = _utils.empty((plan.splits, n), torch.float32, x.device) if plan.splits > 1 else out_m
     plan.run(_lse_kernel, dict(X=x, Y=y, NORM_X=norm_x, NORM_Y=norm_y, OUT_M=out_m, OUT_L=out_l),
@@ -530,10 +555,12 @@ def _lse_grad(
     groups: tuple[int, int, int, int],
     temperature: float,
     input_precision: str,
+    key_group_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One pass: (row LSE, (splits, M, D) fp32 partials of sum_j P_ij k_j, (splits, M) weights of the partials)."""
     n, d = x.shape
-    plan = _LogitPlan("lse_grad", x, groups, temperature, input_precision, bytes_per_split=n * d * 4)
+    plan = _LogitPlan("lse_grad", x, groups, temperature, input_precision, bytes_per_split=n * d * 4,
+                      key_group_size=key_group_size)
     out_m = _utils.empty((plan.splits, n), torch.float32, x.device)
     out_l = _utils.empty((plan.splits, n), torch.float32, x.device)
     acc = _utils.empty((plan.splits, n, d), torch.float32, x.device)
@@ -554,10 +581,13 @@ def _grad_partials(
     groups: tuple[int, int, int, int],
     temperature: float,
     input_precision: str,
+    key_group_size: int | None = None,
 ) -> Tensor:
-    """(splits, M, D) fp32 partial sums whose sum is sum_j G_ij k_j; a missing LSE drops its term."""
+    """(splits, M, D) fp32 partial sums whose sum is sum_j G_ij k_j; a missing LSE drops its term (the column
+    LSE, indexed by key row, only exists for a square problem)."""
     n, d = x.shape
-    plan = _LogitPlan("grad", x, groups, temperature, input_precision, bytes_per_split=n * d * 4)
+    plan = _LogitPlan("grad", x, groups, temperature, input_precision, bytes_per_split=n * d * 4,
+                      key_group_size=key_group_size)
     acc = _utils.empty((plan.splits, n, d), torch.float32, x.device)
     plan.run(
         _grad_kernel,
@@ -615,23 +645,61 @@ def _normalize_bwd(
 # --------------------------------------------------------------------------------------------- custom ops
 
 
+def _check_key_shapes(proj: torch.Size, target: torch.Size, key_offset: int, symmetric: bool) -> None:
+    """target (B_k, T, D) must hold proj's (B, T, D) positives at rows [key_offset, key_offset + B)."""
+    b, t, d = proj
+    if len(target) != 3 or tuple(target[1:]) != (t, d) or not 0 <= key_offset <= target[0] - b:
+        raise ValueError(
+            f"keys {tuple(target)} must be (B_k, T, D) = (>= key_offset + {b}, {t}, {d}) for queries {tuple(proj)} "
+            f"with key_offset {key_offset}: the positive of query (b, n) is keys[key_offset + b, n]"
+        )
+    if symmetric and (target[0] != b or key_offset):
+        raise ValueError("symmetric NT-Xent takes the local batch's keys (B_k = B, key_offset 0)")
+
+
+def _rows(
+    proj: Tensor, target: Tensor, position: bool, key_offset: int, symmetric: bool = False
+) -> tuple[Tensor, Tensor, tuple[int, int, int, int], int, int]:
+    """(x, y, query groups, keys per group, first positive key row) of (B, T, D) proj against (B_k, T, D) target."""
+    _check_key_shapes(proj.shape, target.shape, key_offset, symmetric)
+    b, t, d = proj.shape
+    x = proj.contiguous().view(b * t, d)
+    y = target.contiguous().view(target.shape[0] * t, d)
+    return x, y, _groups(b, t, position), _key_group_size(target.shape[0], t, position), key_offset * t
+
+
+def _stats(x: Tensor, y: Tensor, first: int) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 (||x_r||, ||y_j|| of every key row, cos(x_r, y_{first + r}) = the positive logits times tau)."""
+    m = x.shape[0]
+    if y.shape[0] == m:  # the in-batch (square) loss: every key is some query's positive
+        return row_stats(x, y)
+    norm_y = row_stats(y, y)[0]  # every key's norm (its "cosines" with itself are not used)
+    norm_x, _, cos = row_stats(x, y[first : first + m])
+    return norm_x, norm_y, cos
+
+
 @torch.library.custom_op("erw_fast::nt_xent_fwd", mutates_args=())
 def nt_xent_fwd(
-    proj: Tensor, target: Tensor, temperature: float, position: bool, symmetric: bool, input_precision: str
+    proj: Tensor,
+    target: Tensor,
+    temperature: float,
+    position: bool,
+    symmetric: bool,
+    input_precision: str,
+    key_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, lse_row, lse_col, ||proj||, ||target||); lse_col is empty unless symmetric.
 
-    proj and target: (B, T, D), one kernel dtype (fp32/fp16/bf16). Everything returned is fp32.
+    proj: (B, T, D) queries; target: (B, T, D) keys, or (B_k, T, D) with B_k >= key_offset + B, a larger key set
+    holding the positives at target[key_offset : key_offset + B] (one-sided only). One kernel dtype
+    (fp32/fp16/bf16). Everything returned is fp32; ||target|| has one entry per key row.
     """
     if proj.dtype != target.dtype:
         raise ValueError(f"nt_xent_fwd needs one dtype, got {proj.dtype} and {target.dtype}")
-    b, t, d = proj.shape
-    x = proj.contiguous().view(b * t, d)
-    y = target.contiguous().view(b * t, d)
-    groups = _groups(b, t, position)
-    norm_p, norm_t, cos = row_stats(x, y)
+    x, y, groups, key_groups, first = _rows(proj, target, position, key_offset, symmetric)
+    norm_p, norm_t, cos = _stats(x, y, first)
     positive = cos / temperature
-    lse_row = _lse(x, y, norm_p, norm_t, groups, temperature, input_precision)
+    lse_row = _lse(x, y, norm_p, norm_t, groups, temperature, input_precision, key_groups)
     loss = (lse_row - positive).mean()
     if symmetric:
         lse_col = _lse(y, x, norm_t, norm_p, groups, temperature, input_precision)
@@ -642,7 +710,7 @@ def nt_xent_fwd(
 
 
 @nt_xent_fwd.register_fake
-def _(proj, target, temperature, position, symmetric, input_precision):
+def _(proj, target, temperature, position, symmetric, input_precision, key_offset=0):
     m = proj.shape[0] * proj.shape[1]
     rows = proj.new_empty((m,), dtype=torch.float32)
     lse_col = proj.new_empty((m if symmetric else 0,), dtype=torch.float32)
@@ -651,7 +719,7 @@ def _(proj, target, temperature, position, symmetric, input_precision):
         rows,
         lse_col,
         torch.empty_like(rows),
-        torch.empty_like(rows),
+        proj.new_empty((target.shape[0] * target.shape[1],), dtype=torch.float32),
     )
 
 
@@ -670,13 +738,17 @@ def nt_xent_bwd(
     input_precision: str,
     need_proj: bool,
     need_target: bool,
+    key_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """(d loss/d proj, d loss/d target) times grad; an unneeded gradient comes back as an empty tensor."""
+    """(d loss/d proj, d loss/d target) times grad; an unneeded gradient comes back as an empty tensor.
+
+    With a larger key set (see `nt_xent_fwd`) only d proj is implemented: the keys are the frozen teacher's.
+    """
     b, t, d = proj.shape
     m = b * t
-    x = proj.contiguous().view(m, d)
-    y = target.contiguous().view(m, d)
-    groups = _groups(b, t, position)
+    x, y, groups, key_groups, first = _rows(proj, target, position, key_offset, symmetric)
+    if need_target and y.shape[0] != m:
+        raise ValueError("the Triton NT-Xent has no gradient for a larger key set (keys=): pass constant keys")
     grad = grad.to(torch.float32)
     scale = 1.0 / (m * temperature)
     w_own = 0.5 if symmetric else 1.0  # weight of the query-side softmax in G
@@ -684,8 +756,11 @@ def nt_xent_bwd(
     grad_p = _utils.empty((0,), proj.dtype, x.device)  # two tensors: custom-op outputs may not alias
     grad_t = _utils.empty((0,), proj.dtype, x.device)
     if need_proj:
-        acc = _grad_partials(x, y, norm_p, norm_t, lse_row, w_own, lse_other, 0.5, groups, temperature, input_precision)
-        grad_p = _normalize_bwd(x, norm_p, acc, y, norm_t, grad, scale).view(b, t, d)
+        acc = _grad_partials(x, y, norm_p, norm_t, lse_row, w_own, lse_other, 0.5, groups, temperature, input_precision,
+                             key_groups)
+        # the -k term: each query's positive key (all keys, in order, in the square case)
+        grad_p = _normalize_bwd(x, norm_p, acc, y[first : first + m], norm_t[first : first + m], grad, scale)
+        grad_p = grad_p.view(b, t, d)
         del acc  # before the key side allocates its own
     if need_target:
         # Keys as rows: their own softmax is the column one (weight 0.5 or absent), the row one is "other".
@@ -709,6 +784,7 @@ def _(
     input_precision,
     need_proj,
     need_target,
+    key_offset=0,
 ):
     grad_p = torch.empty_like(proj) if need_proj else proj.new_empty((0,))
     grad_t = torch.empty_like(target) if need_target else target.new_empty((0,))
@@ -716,17 +792,18 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    proj, target, temperature, position, symmetric, input_precision = inputs
+    proj, target, temperature, position, symmetric, input_precision, key_offset = inputs
     _, lse_row, lse_col, norm_p, norm_t = output
     ctx.save_for_backward(proj, target, lse_row, lse_col, norm_p, norm_t)
     ctx.settings = (temperature, position, symmetric, input_precision)
+    ctx.key_offset = key_offset
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
     # Only the loss is differentiable; LSEs and norms are saved statistics.
     need_proj, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_p, grad_t = nt_xent_bwd(grad_loss, *ctx.saved_tensors, *ctx.settings, need_proj, need_target)
-    return (grad_p if need_proj else None, grad_t if need_target else None, None, None, None, None)
+    grad_p, grad_t = nt_xent_bwd(grad_loss, *ctx.saved_tensors, *ctx.settings, need_proj, need_target, ctx.key_offset)
+    return (grad_p if need_proj else None, grad_t if need_target else None, None, None, None, None, None)
 
 
 nt_xent_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -734,43 +811,45 @@ nt_xent_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("erw_fast::nt_xent_one_pass", mutates_args=())
 def nt_xent_one_pass(
-    proj: Tensor, target: Tensor, temperature: float, position: bool, input_precision: str
+    proj: Tensor, target: Tensor, temperature: float, position: bool, input_precision: str, key_offset: int = 0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, d loss/d proj in fp32, lse_row, ||proj||, ||target||) of the one-sided loss from one pass.
 
     The gradient for proj is computed with the loss, so the backward only scales it by the upstream gradient;
     a target that needs a gradient gets it from one key-side pass in the backward (the row LSEs are saved).
-    proj and target: (B, T, D), one kernel dtype.
+    proj (B, T, D) and target (B, T, D), or a larger (B_k, T, D) key set with the positives at
+    target[key_offset : key_offset + B] (see `nt_xent_fwd`; no gradient for such keys); one kernel dtype.
     """
     if proj.dtype != target.dtype:
         raise ValueError(f"nt_xent_one_pass needs one dtype, got {proj.dtype} and {target.dtype}")
     b, t, d = proj.shape
     m = b * t
-    x = proj.contiguous().view(m, d)
-    y = target.contiguous().view(m, d)
-    norm_p, norm_t, cos = row_stats(x, y)
-    lse, acc, weights = _lse_grad(x, y, norm_p, norm_t, _groups(b, t, position), temperature, input_precision)
+    x, y, groups, key_groups, first = _rows(proj, target, position, key_offset)
+    norm_p, norm_t, cos = _stats(x, y, first)
+    lse, acc, weights = _lse_grad(x, y, norm_p, norm_t, groups, temperature, input_precision, key_groups)
     loss = (lse - cos / temperature).mean()
     unit = torch.ones((), dtype=torch.float32, device=x.device)  # d loss / d loss
-    grad = _normalize_bwd(x, norm_p, acc, y, norm_t, unit, 1.0 / (m * temperature), weights, torch.float32)
+    grad = _normalize_bwd(x, norm_p, acc, y[first : first + m], norm_t[first : first + m], unit,
+                          1.0 / (m * temperature), weights, torch.float32)
     return loss, grad.view(b, t, d), lse, norm_p, norm_t
 
 
 @nt_xent_one_pass.register_fake
-def _(proj, target, temperature, position, input_precision):
+def _(proj, target, temperature, position, input_precision, key_offset=0):
     rows = proj.new_empty((proj.shape[0] * proj.shape[1],), dtype=torch.float32)
+    keys = proj.new_empty((target.shape[0] * target.shape[1],), dtype=torch.float32)
     return (proj.new_empty((), dtype=torch.float32), torch.empty_like(proj, dtype=torch.float32), rows,
-            torch.empty_like(rows), torch.empty_like(rows))
+            torch.empty_like(rows), keys)
 
 
 def _setup_one_pass_context(ctx, inputs, output) -> None:
-    proj, target, temperature, position, input_precision = inputs
+    proj, target, temperature, position, input_precision, key_offset = inputs
     _, grad_proj, lse_row, norm_p, norm_t = output
     if ctx.needs_input_grad[1]:  # the key side's pass needs the inputs and the row statistics
         ctx.save_for_backward(grad_proj, proj, target, lse_row, norm_p, norm_t)
     else:
         ctx.save_for_backward(grad_proj)
-    ctx.settings = (temperature, position, input_precision)
+    ctx.settings = (temperature, position, input_precision, key_offset)
     ctx.proj_dtype = proj.dtype
 
 
@@ -780,11 +859,11 @@ def _one_pass_backward(ctx, grad_loss, *_unused_grads):
     grad_t = None
     if ctx.needs_input_grad[1]:
         proj, target, lse_row, norm_p, norm_t = saved
-        temperature, position, input_precision = ctx.settings
+        temperature, position, input_precision, key_offset = ctx.settings
         no_lse_col = lse_row.new_empty((0,))
         _, grad_t = nt_xent_bwd(grad_loss, proj, target, lse_row, no_lse_col, norm_p, norm_t, temperature, position,
-                                False, input_precision, False, True)
-    return grad_p, grad_t, None, None, None
+                                False, input_precision, False, True, key_offset)
+    return grad_p, grad_t, None, None, None, None
 
 
 nt_xent_one_pass.register_autograd(_one_pass_backward, setup_context=_setup_one_pass_context)
@@ -793,14 +872,48 @@ nt_xent_one_pass.register_autograd(_one_pass_backward, setup_context=_setup_one_
 # --------------------------------------------------------------------------------------------- public API
 
 
+def _check_keys(proj: Tensor, target: Tensor | None, keys: Tensor | None, key_offset: int, symmetric: bool) -> Tensor:
+    """The keys of the call: target (the in-batch form, key_offset 0) or `keys` (target None); checked."""
+    if keys is None:
+        if target is None:
+            raise ValueError("NT-Xent needs the keys: target (the local batch's, proj's shape) or keys=")
+        if key_offset != 0:
+            raise ValueError(f"key_offset ({key_offset}) places the positives inside keys=; target has none to place")
+        _utils.check_pair(proj, target)
+        return target
+    if target is not None:
+        raise ValueError("pass target (the local batch's keys) or keys= (a key set holding the positives at "
+                         "keys[key_offset : key_offset + B]), not both")
+    if symmetric:
+        raise ValueError(
+            "symmetric NT-Xent takes the local batch's keys; with keys= the key-side loss would need every "
+            "rank's queries (use target=, or symmetric=False)"
+        )
+    if torch.is_grad_enabled() and keys.requires_grad:
+        raise ValueError("keys= must be constants (the frozen teacher's features; detach them): the kernels "
+                         "compute no gradient for a larger key set")
+    if proj.dim() != 3 or proj.numel() == 0:
+        raise ValueError(f"proj must be a non-empty (B, T, D) tensor, got {tuple(proj.shape)}")
+    if not isinstance(key_offset, (int, torch.SymInt)) or isinstance(key_offset, bool):
+        raise ValueError(f"key_offset must be an int, got {key_offset!r}")
+    _check_key_shapes(proj.shape, keys.shape, key_offset, False)
+    if not (proj.is_floating_point() and keys.is_floating_point()):
+        raise ValueError(f"proj and keys must be floating point, got {proj.dtype} and {keys.dtype}")
+    if proj.device != keys.device:
+        raise ValueError(f"proj and keys must be on one device, got {proj.device} and {keys.device}")
+    return keys
+
+
 def nt_xent_triton(
     proj: Tensor,
-    target: Tensor,
+    target: Tensor | None = None,
     temperature: float = 0.1,
     negatives: str = "batch",
     symmetric: bool = False,
     *,
     input_precision: str | None = None,
+    keys: Tensor | None = None,
+    key_offset: int = 0,
 ) -> Tensor:
     """Token-level NT-Xent between (B, T, D) proj (queries) and target (keys); fp32 scalar.
 
@@ -812,8 +925,13 @@ def nt_xent_triton(
     as matmuls do: a bf16 projector output meets fp32 teacher features (their final LayerNorm runs in fp32
     under autocast), and promoting both to fp32 would halve the kernels' tile sizes and tensor-core rate.
     Norms, exponentials and accumulation stay fp32 either way.
+
+    keys (instead of target): a (B_k, T, D) key set, B_k >= key_offset + B, e.g. the teacher features of the whole
+    global batch. Query (b, n)'s positive is keys[key_offset + b, n]; its candidates are all B_k*T keys ("batch")
+    or the B_k keys at position n ("position"); the loss is the mean over the B*T queries. One-sided only, and
+    keys get no gradient (ValueError if they require one).
     """
-    _utils.check_pair(proj, target)
+    target = _check_keys(proj, target, keys, key_offset, symmetric)
     _utils.check_runnable(proj.device, _INTERPRETED)
     _utils.check_temperature(temperature)
     if negatives not in NEGATIVES:
@@ -829,5 +947,5 @@ def nt_xent_triton(
     if not symmetric and torch.is_grad_enabled() and proj.requires_grad:
         # d proj comes with the loss from one pass (no recomputation); REPA/ERW's frozen teacher needs nothing
         # more, a trained target one key-side pass in the backward.
-        return nt_xent_one_pass(proj, target, float(temperature), position, precision)[0]
-    return nt_xent_fwd(proj, target, float(temperature), position, bool(symmetric), precision)[0]
+        return nt_xent_one_pass(proj, target, float(temperature), position, precision, key_offset)[0]
+    return nt_xent_fwd(proj, target, float(temperature), position, bool(symmetric), precision, key_offset)[0]

@@ -424,3 +424,186 @@ def test_torch_compile_fullgraph(backend):
     assert_close(loss, eager, 1e-6, "loss")
     assert_close(grads[0], proj.grad, 1e-6, "d proj")
     assert_close(grads[1], target.grad, 1e-6, "d target")
+
+
+# ---- local queries against a larger key set (global negatives): keys=, key_offset= ---------------------------
+
+
+def reference_key_set(proj, keys, key_offset, temperature, negatives):
+    """Independent float64 loss of (B, T, D) queries against (B_k, T, D) keys, one token position at a time: query
+    (b, n)'s candidates are every key ("batch") or keys[:, n] ("position"), its positive keys[key_offset + b, n]."""
+    b, t, d = proj.shape
+    q = F.normalize(proj.double(), dim=-1, eps=1e-12)
+    k = F.normalize(keys.double(), dim=-1, eps=1e-12)
+    images = torch.arange(b, device=q.device)
+    losses = []
+    for n in range(t):
+        if negatives == "position":
+            logits = q[:, n] @ k[:, n].T / temperature  # (B, B_k)
+            positive = logits[images, key_offset + images]
+        else:
+            logits = q[:, n] @ k.reshape(-1, d).T / temperature  # (B, B_k * T), key (j, m) at column j * T + m
+            positive = logits[images, (key_offset + images) * t + n]
+        losses.append(torch.logsumexp(logits, dim=-1) - positive)
+    return torch.cat(losses).mean()
+
+
+def make_key_inputs(b, b_keys, t, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(b, t, d, generator=gen, device="cpu").to(DEVICE, dtype).requires_grad_()
+    keys = torch.randn(b_keys, t, d, generator=gen, device="cpu").to(DEVICE, dtype)
+    return proj, keys
+
+
+def check_key_set(shape, dtype, negatives, key_offset, path, temperature=0.1, seed=0):
+    """One of the three ways a key set reaches the kernels, against float64:
+    "one pass" (training: d proj from `nt_xent_one_pass`), "two pass" (`nt_xent_fwd` with `nt_xent_bwd` for d proj),
+    "forward" (no autograd: `nt_xent_triton` takes `nt_xent_fwd`)."""
+    b, b_keys, t, d = shape
+    proj, keys = make_key_inputs(b, b_keys, t, d, dtype, seed)
+    calls = []
+    real_one_pass, real_fwd = nt_xent_module.nt_xent_one_pass, nt_xent_module.nt_xent_fwd
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nt_xent_module, "nt_xent_one_pass", lambda *a: calls.append("one pass") or real_one_pass(*a))
+        patch.setattr(nt_xent_module, "nt_xent_fwd", lambda *a: calls.append("two pass") or real_fwd(*a))
+        if path == "two pass":
+            loss = nt_xent_fwd(proj, keys, temperature, negatives == "position", False, "ieee", key_offset)[0]
+        else:
+            with torch.set_grad_enabled(path == "one pass"):
+                loss = nt_xent_triton(proj, None, temperature, negatives, keys=keys, key_offset=key_offset,
+                                      input_precision="ieee")
+            assert calls == ["one pass" if path == "one pass" else "two pass"]
+    proj64 = proj.detach().double().requires_grad_()
+    ref = reference_key_set(proj64, keys.detach(), key_offset, temperature, negatives)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, ref, REL_TOL[dtype], "loss")
+    if path != "forward":
+        (3.0 * loss).backward()  # an upstream gradient other than 1
+        (3.0 * ref).backward()
+        assert proj.grad.dtype == dtype and keys.grad is None
+        assert_close(proj.grad, proj64.grad, REL_TOL[dtype], "d proj")
+
+
+# B = 2 local images against B_k = 5: the positives at key images 0-1 or 3-4 (the last ones: no key after them).
+@pytest.mark.parametrize("path", ["one pass", "two pass", "forward"])
+@pytest.mark.parametrize("key_offset", [0, 3])
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize(("t", "d"), [(4, 32), (16, 48)], ids=["T4D32", "T16D48"])
+def test_key_set_matches_reference(t, d, negatives, key_offset, path):
+    check_key_set((2, 5, t, d), torch.float32, negatives, key_offset, path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["one pass", "two pass"])
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+def test_key_set_16bit(dtype, negatives, path):
+    check_key_set((2, 5, 8, 48), dtype, negatives, 3, path, seed=1)
+
+
+@pytest.mark.parametrize("path", ["one pass", "two pass"])
+@pytest.mark.parametrize(
+    ("negatives", "shape", "key_offset"),
+    # batch: 32 queries (2 blocks of 16) against 80 keys (5 blocks: splits of 2, 2, 1); position: 3 queries per
+    # position against 37 keys (3 blocks: splits of 2, 1), D = 40 = 16 + 16 + 8.
+    [("batch", (2, 5, 16, 40), 3), ("position", (3, 37, 2, 40), 20)],
+    ids=["batch", "position"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_set_small_tiles_and_key_splits(monkeypatch, dtype, negatives, shape, key_offset, path):
+    splits_seen = split_keys_in_pairs_of_16_wide_blocks(monkeypatch)
+    check_key_set(shape, dtype, negatives, key_offset, path, temperature=0.05)
+    assert max(splits_seen) >= 2
+
+
+def test_key_set_gpu_default_tiles(monkeypatch):
+    # A GPU launch's tiles and split plan; 100 queries against 350 keys of D = 200: ragged everywhere.
+    use_gpu_default_tiles(monkeypatch)
+    check_key_set((2, 7, 50, 200), torch.float32, "batch", 4, "one pass")
+
+
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+def test_key_set_equal_to_the_local_batch_is_the_in_batch_loss(negatives):
+    # keys = target (B_k = B, offset 0) is the square problem: the same launches, so the same bits.
+    proj, target = make_inputs((3, 7, 32), torch.float32)
+    target = target.detach()
+    square = nt_xent_triton(proj, target, 0.2, negatives, input_precision="ieee")
+    (grad_square,) = torch.autograd.grad(square, proj)
+    keyed = nt_xent_triton(proj, None, 0.2, negatives, keys=target, input_precision="ieee")
+    (grad_keyed,) = torch.autograd.grad(keyed, proj)
+    assert torch.equal(square, keyed) and torch.equal(grad_square, grad_keyed)
+
+
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("n_micro", [2, 4])
+def test_micro_batches_against_the_whole_batch_make_the_whole_batch_loss(negatives, n_micro):
+    # What global negatives rest on: a batch of 4 images split into n micro-batches of queries, each against the
+    # keys of all 4 at its offset. sum_m loss_m / n is the whole batch's in-batch loss, and the proj gradients of
+    # the loss_m / n (each micro-batch's rows of the one leaf) are the whole batch's proj gradient.
+    proj, target = make_inputs((4, 8, 32), torch.float32, seed=5)
+    target = target.detach()
+    full = nt_xent_triton(proj, target, 0.1, negatives, input_precision="ieee")
+    (grad_full,) = torch.autograd.grad(full, proj)
+    b = 4 // n_micro
+    micro = [nt_xent_triton(proj[i * b : (i + 1) * b], None, 0.1, negatives, keys=target, key_offset=i * b,
+                            input_precision="ieee") for i in range(n_micro)]  # fmt: skip
+    accumulated = sum(loss / n_micro for loss in micro)
+    (grad_micro,) = torch.autograd.grad(accumulated, proj)
+    assert_close(accumulated, full, 1e-6, "sum_m loss_m / n vs the whole batch's loss")
+    assert_close(grad_micro, grad_full, 1e-6, "d proj")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(symmetric=True), ValueError, "symmetric NT-Xent takes the local batch's keys"),
+        (dict(key_offset=4), ValueError, r"keys \(5, 4, 8\) must be \(B_k, T, D\) = \(>= key_offset \+ 2, 4, 8\)"),
+        (dict(key_offset=-1), ValueError, "key_offset -1"),
+        (dict(keys_shape=(5, 3, 8)), ValueError, r"must be \(B_k, T, D\)"),
+        (dict(keys_grad=True), ValueError, "keys= must be constants"),
+        (dict(target=True), ValueError, "not both"),
+    ],
+)
+def test_key_set_refuses(kwargs, error, match):
+    proj, _ = make_key_inputs(2, 5, 4, 8, torch.float32)
+    keys = torch.randn(kwargs.pop("keys_shape", (5, 4, 8)), device=DEVICE)
+    keys.requires_grad_(kwargs.pop("keys_grad", False))
+    target = keys[:2] if kwargs.pop("target", False) else None
+    with pytest.raises(error, match=match):
+        nt_xent_triton(proj, target, keys=keys, **kwargs)
+
+
+def test_key_set_ops_refuse_a_key_gradient_and_a_symmetric_loss():
+    proj, keys = make_key_inputs(2, 5, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="symmetric NT-Xent takes the local batch's keys"):
+        nt_xent_fwd(proj.detach(), keys, 0.1, False, True, "ieee", 1)
+    loss, *stats = nt_xent_fwd(proj.detach(), keys, 0.1, False, False, "ieee", 1)
+    with pytest.raises(ValueError, match="no gradient for a larger key set"):
+        nt_xent_bwd(torch.tensor(1.0), proj.detach(), keys, *stats, 0.1, False, False, "ieee", True, True, 1)
+    with pytest.raises(ValueError, match="NT-Xent needs the keys"):
+        nt_xent_triton(proj)
+    with pytest.raises(ValueError, match="key_offset"):
+        nt_xent_triton(proj, keys[:2], key_offset=1)
+
+
+@pytest.mark.parametrize("position", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_key_set_opcheck(position):
+    proj, keys = make_key_inputs(2, 5, 4, 32, torch.float32)
+    torch.library.opcheck(nt_xent_fwd, (proj, keys, 0.1, position, False, "ieee", 3))
+    torch.library.opcheck(nt_xent_module.nt_xent_one_pass, (proj, keys, 0.1, position, "ieee", 3))
+
+
+def test_key_set_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    proj, keys = make_key_inputs(2, 5, 4, 32, torch.float32)
+
+    def objective(p, k):
+        return (nt_xent_triton(p[:1], None, 0.1, "batch", keys=k, key_offset=2)
+                + nt_xent_triton(p, None, 0.2, "position", keys=k, key_offset=3))
+
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    loss = compiled(proj, keys)
+    (grad,) = torch.autograd.grad(loss, proj)
+    eager = objective(proj, keys)
+    (grad_eager,) = torch.autograd.grad(eager, proj)
+    assert_close(loss, eager, 1e-6, "loss")
+    assert_close(grad, grad_eager, 1e-6, "d proj")

@@ -221,3 +221,137 @@ def test_triton_backend_dispatch_matches_torch_reference(negatives):
         results[backend] = (loss.detach(), cos.detach(), grads)
     for a, b in zip(results["torch"], results["triton"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- NT-Xent against a larger key set (keys=, key_offset=): the building block of global negatives ------------
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels' device (CPU: interpreter)
+
+
+def brute_force_nt_xent_key_set(proj, keys, key_offset, tau, negatives):
+    """Float64, one query at a time from the definition: query (b, n) against every key image's tokens ("batch")
+    or their token n ("position"), its positive keys[key_offset + b, n]."""
+    B, T, _ = proj.shape
+    q = proj.double() / proj.double().norm(dim=-1, keepdim=True)
+    k = keys.double() / keys.double().norm(dim=-1, keepdim=True)
+    losses = []
+    for b in range(B):
+        for n in range(T):
+            if negatives == "batch":
+                candidates = [(j, m) for j in range(keys.shape[0]) for m in range(T)]
+            else:
+                candidates = [(j, n) for j in range(keys.shape[0])]
+            scores = torch.stack([q[b, n] @ k[j] / tau for j in candidates])
+            losses.append(torch.logsumexp(scores, 0) - q[b, n] @ k[key_offset + b, n] / tau)
+    return torch.stack(losses).mean()
+
+
+def _nt_xent_path(path, monkeypatch):
+    """The backend argument for `path`; "chunked" forces the PyTorch backend's row chunks (3 query rows each)."""
+    if path == "chunked":
+        from erw_fast.objectives import alignment, nt_xent_chunked
+
+        monkeypatch.setattr(alignment, "MATERIALISE_LIMIT_BYTES", 0)
+        monkeypatch.setattr(nt_xent_chunked, "chunk_rows_for", lambda m, chunk_bytes=None, n_keys=None: 3)
+    return "triton" if path == "triton" else "torch"
+
+
+@pytest.mark.parametrize("path", ["materialised", "chunked", "triton"])
+@pytest.mark.parametrize("key_offset", [0, 3])
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+def test_nt_xent_key_set_matches_brute_force(monkeypatch, negatives, key_offset, path):
+    # 2 local images against 5 key images; the positives at key images 0-1 or 3-4.
+    backend = _nt_xent_path(path, monkeypatch)
+    gen = torch.Generator().manual_seed(key_offset)
+    proj = torch.randn(2, 4, 32, generator=gen).to(KERNEL_DEVICE).requires_grad_()
+    keys = torch.randn(5, 4, 32, generator=gen).to(KERNEL_DEVICE)
+    loss = nt_xent_loss(proj, None, 0.1, negatives, backend=backend, keys=keys, key_offset=key_offset)
+    (d_proj,) = torch.autograd.grad(loss, proj)
+    p64 = proj.detach().cpu().double().requires_grad_()
+    ref = brute_force_nt_xent_key_set(p64, keys.cpu(), key_offset, 0.1, negatives)
+    (r_proj,) = torch.autograd.grad(ref, p64)
+    assert loss.dtype == torch.float32 and keys.grad is None
+    assert abs(loss.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    torch.testing.assert_close(d_proj.cpu().double(), r_proj, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["materialised", "chunked", "triton"])
+@pytest.mark.parametrize("negatives", ["batch", "position"])
+@pytest.mark.parametrize("n_micro", [2, 3])
+def test_nt_xent_micro_batches_against_the_whole_batch_make_the_whole_batch_loss(monkeypatch, n_micro, negatives, path):
+    # What global negatives rest on. A batch of 6 images split into n micro-batches of queries, each against the
+    # whole batch's keys at its offset: sum_m loss_m / n = the whole batch's in-batch loss, and the proj gradients
+    # of the loss_m / n (each micro-batch's rows of the one leaf, i.e. concatenated) = the whole batch's gradient.
+    backend = _nt_xent_path(path, monkeypatch)
+    gen = torch.Generator().manual_seed(n_micro)
+    proj = torch.randn(6, 5, 16, generator=gen).to(KERNEL_DEVICE).requires_grad_()
+    target = torch.randn(6, 5, 16, generator=gen).to(KERNEL_DEVICE)
+    full = nt_xent_loss(proj, target, 0.1, negatives, backend=backend)
+    (g_full,) = torch.autograd.grad(full, proj)
+    b = 6 // n_micro
+    losses = [nt_xent_loss(proj[i * b : (i + 1) * b], None, 0.1, negatives, backend=backend, keys=target,
+                           key_offset=i * b) for i in range(n_micro)]  # fmt: skip
+    accumulated = sum(loss / n_micro for loss in losses)
+    (g_micro,) = torch.autograd.grad(accumulated, proj)
+    full64, g_full64 = full.double(), g_full.double()
+    assert abs(accumulated.double() - full64).item() <= 1e-6 * abs(full64.item())
+    assert (g_micro.double() - g_full64).abs().max().item() <= 1e-6 * g_full64.abs().max().item()
+
+
+def test_nt_xent_key_set_lists_of_encoders_average():
+    torch.manual_seed(0)
+    p = [torch.randn(2, 4, 8), torch.randn(2, 4, 6)]
+    k = [torch.randn(3, 4, 8), torch.randn(3, 4, 6)]
+    both = nt_xent_loss(p, keys=k, key_offset=1)
+    expected = (nt_xent_loss(p[0], keys=k[0], key_offset=1) + nt_xent_loss(p[1], keys=k[1], key_offset=1)) / 2
+    torch.testing.assert_close(both, expected)
+    # keys = the local batch (B_k = B, offset 0) is the in-batch loss.
+    torch.testing.assert_close(nt_xent_loss(p, keys=[x[:2] for x in k]), nt_xent_loss(p, [x[:2] for x in k]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nt_xent_key_set_errors(backend):
+    proj, keys = torch.randn(2, 4, 8, device=KERNEL_DEVICE), torch.randn(5, 4, 8, device=KERNEL_DEVICE)
+
+    def loss(*args, **kwargs):
+        return nt_xent_loss(proj, *args, backend=backend, **kwargs)
+
+    with pytest.raises(ValueError, match="symmetric NT-Xent takes the local batch's keys"):
+        loss(symmetric=True, keys=keys)
+    with pytest.raises(ValueError, match="keys= must be constants"):
+        loss(keys=keys.clone().requires_grad_())
+    with torch.no_grad():  # no gradient is wanted, so keys that could take one are fine
+        assert torch.isfinite(loss(keys=keys.clone().requires_grad_()))
+    with pytest.raises(ValueError, match="not both"):
+        loss(keys[:2], keys=keys)
+    with pytest.raises(ValueError, match="needs the keys"):
+        loss()
+    with pytest.raises(ValueError, match=r"key_offset \(1\) places the positives inside keys="):
+        loss(keys[:2], key_offset=1)
+    with pytest.raises(ValueError, match=r"keys \(5, 4, 8\) must be \(B_k, T, D\) with B_k >= key_offset \+ B"):
+        loss(keys=keys, key_offset=4)
+    with pytest.raises(ValueError, match=r"keys \(5, 3, 8\)"):
+        loss(keys=keys[:, :3])
+    with pytest.raises(ValueError, match="one key set per projection, got 1 projections, 2 key sets"):
+        loss(keys=[keys, keys])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nt_xent_key_offsets_share_one_compiled_graph(backend):
+    # Each micro-batch has its own key_offset: torch.compile must not specialise on it (one recompile, when the
+    # first offset's static graph meets a second offset, then one dynamic graph for all).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    proj = torch.randn(8, 4, 16, device=KERNEL_DEVICE, requires_grad=True)
+    keys = torch.randn(8, 4, 16, device=KERNEL_DEVICE)
+
+    def loss(p, k, offset):
+        return nt_xent_loss(p, None, 0.1, "batch", backend=backend, keys=k, key_offset=offset)
+
+    compiled = torch.compile(loss, fullgraph=True, backend=counter)
+    for offset in (0, 2, 4, 6):
+        torch.testing.assert_close(compiled(proj[offset : offset + 2], keys, offset),
+                                   loss(proj[offset : offset + 2], keys, offset))
+    assert counter.frame_count == 2
