@@ -12,15 +12,36 @@
 #   bash benchmarks/gpu_suite.sh tune      # #4: measure candidate NT-Xent tiles; winners -> $DEST/tuned_tiles.json
 #                                          #     (review, then copy into kernels/tuned_tiles.json and commit)
 #
-# Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results. Every stage
-# writes JSON with the device, versions, settings and raw timings next to a markdown table. The `engines` stage
-# needs DeepSpeed (and hjson, pydantic) importable: see benchmarks/README_GPU.md for carrying them as wheels.
+# Results go to $OUT when set (the device tool brings that folder back, at most 8 files), else benchmarks/results.
+# Every stage writes JSON with the device, versions, settings and raw timings next to a markdown table. The
+# `engines` stage needs DeepSpeed (and hjson, pydantic) importable: see benchmarks/README_GPU.md for carrying them
+# as wheels. Run benchmarks/first_light.sh first: it checks every CUDA path and measures the headline numbers in
+# one call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-benchmarks/results}"
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 PY="${PYTHON:-python3}"
+# The device image runs this checkout without installing it: erw_fast.kernels (kernels/, pyproject's package-dir)
+# imports only through this start-up hook, installed in every Python process below.
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite_site.XXXXXX")
+trap 'rm -rf "$SITE"' EXIT
+"$PY" benchmarks/first_light_site.py "$SITE" --repo "$PWD"
+export PYTHONPATH="$SITE:$PYTHONPATH"
+pack_train_extras() {
+  local extras=() name
+  for name in train_h100_xl2.png train_profile.png cost_measured.png; do
+    if [ -f "$DEST/$name" ]; then extras+=("$name"); fi
+  done
+  for name in "$DEST"/trace_*.json; do
+    if [ -f "$name" ]; then extras+=("${name##*/}"); fi
+  done
+  if [ ${#extras[@]} -gt 0 ] && tar czf "$DEST/train_extras.tar.gz" -C "$DEST" "${extras[@]}"; then
+    (cd "$DEST" && rm -f "${extras[@]}")
+  fi
+  rm -rf "$SITE"
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv | tee "$DEST/gpu.csv"
 
 case "${1:-}" in
@@ -28,6 +49,9 @@ case "${1:-}" in
     timeout 540 "$PY" benchmarks/bench_alignment.py --out "$DEST" --reps 50 --warmup 10
     ;;
   train)
+    # This stage writes eleven files, three more than the device tool brings back: the plots and the profiler
+    # traces travel as one archive, packed however the stage ends.
+    trap pack_train_extras EXIT
     timeout 420 "$PY" -m erw_fast.cli.bench train --config configs/erw_sit_xl2.yaml --batch 32 64 --phases warmup,full \
       --compile both --reference-step --out "$DEST" --name train_h100_xl2
     timeout 120 "$PY" -m erw_fast.cli.bench train --config configs/erw_sit_xl2.yaml --batch 32 --phases full --steps 3 \
