@@ -469,6 +469,7 @@ def import_reference_checkpoint(path: str | Path) -> dict:
         ) from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(raw).__qualname__}")
+    raw = _verify(raw, path, suggest=False)  # a trainer checkpoint's tensor checksums (other files have none)
 
     if isinstance(raw.get("engine"), dict) and raw["engine"].get("kind") == "deepspeed":
         # A DeepSpeed-engine trainer checkpoint: the raw weights live in DeepSpeed's files beside it.

@@ -274,6 +274,8 @@ def test_a_flipped_bit_in_a_saved_tensor_is_refused_naming_the_last_good_checkpo
     assert f"resume from the previous checkpoint {good}, the last good one: checkpoint.resume={good}" in message
     assert "\n" not in message
     assert torch.equal(load_checkpoint(good)["model"]["w"], weights)
+    with pytest.raises(CheckpointError, match=f"checkpoint {worse} is corrupt"):  # erw-sample, erw-analyze
+        ckpt.import_reference_checkpoint(worse)
 
 
 def test_checkpoints_written_before_checksums_load_unverified(tmp_path):
@@ -378,6 +380,19 @@ def test_disk_full_during_a_checkpoint_names_enospc_and_the_path(tmp_path, monke
     target = tmp_path / "checkpoints" / "step_0000004.pt"
     assert f"No space left on device (ENOSPC) while writing {target}; nothing was replaced" in str(info.value)
     assert list((tmp_path / "checkpoints").iterdir()) == []  # the temp file went too
+
+
+def test_the_tools_report_a_full_disk_in_one_line(capsys):
+    import argparse
+
+    from erw_fast.cli import run_cli
+
+    def run(args):
+        raise OSError(errno.ENOSPC, "No space left on device (ENOSPC) while writing out/0000100.pt")
+
+    assert run_cli("erw-export", argparse.ArgumentParser(), run, []) == 2
+    assert capsys.readouterr().err == "erw-export: error: [Errno 28] No space left on device (ENOSPC) while " \
+                                      "writing out/0000100.pt\n"
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.
         return int(exc.code or 0)
     try:
         run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError: also a full disk or a permission, named
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
