@@ -86,8 +86,13 @@ class EncoderConfig:
 @dataclass
 class AlignmentConfig:
     objective: Literal["cosine", "nt_xent"] = "cosine"
+    # NT-Xent only. No released code defines these (the ERW paper names NT-Xent, nothing more): this project's
+    # choices. negatives: every token of every image (batch) or the same token position (position); scope: the
+    # candidates are the whole global batch's teacher tokens (global: the same loss on any world size and
+    # accumulation) or this micro-batch's only (local).
     temperature: float = 0.1
     negatives: Literal["batch", "position"] = "batch"
+    negatives_scope: Literal["global", "local"] = "global"
     symmetric: bool = False
     backend: Literal["auto", "torch", "triton"] = "auto"
     encoder_depth: int = 8  # block (from 1) whose output the projector reads in the full phase / REPA
@@ -402,6 +407,9 @@ def validate(config: Config) -> None:
             )
         if not config.encoder.names:
             raise ConfigError(f"encoder.names is empty, but mode {config.run.mode!r} aligns with an encoder")
+        if align.objective == "nt_xent" and align.symmetric and align.negatives_scope == "global":
+            raise ConfigError("alignment.symmetric: the symmetric NT-Xent takes the local batch's keys "
+                              "(set alignment.negatives_scope=local)")
         if config.encoder.weights_paths and len(config.encoder.weights_paths) != len(config.encoder.names):
             raise ConfigError(
                 f"encoder.weights_paths has {len(config.encoder.weights_paths)} entries for "

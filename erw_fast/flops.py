@@ -428,14 +428,16 @@ def _config_model(config: Config) -> tuple[str, dict[str, Any]]:
 def step_flops(config: Config, phase: str, world_size: int = 1) -> dict[str, Any]:
     """Per-step FLOPs at the config's global batch for ``phase`` ('warmup', 'full', 'repa', 'sit').
 
-    The NT-Xent negative set is one micro-batch on one device (``train.micro_batch_size``, else the global
-    batch / ``world_size``). Returns totals (matmul FLOPs; ``*_with_elementwise`` adds the estimates), the
-    split model / encoder / alignment, and the component breakdown.
+    The NT-Xent negative set is the global batch (``alignment.negatives_scope: global``) or one micro-batch on
+    one device (``local``: ``train.micro_batch_size``, else the global batch / ``world_size``). Returns totals
+    (matmul FLOPs; ``*_with_elementwise`` adds the estimates), the split model / encoder / alignment, and the
+    component breakdown.
     """
     name, overrides = _config_model(config)
     batch = config.train.global_batch_size
-    group = config.train.micro_batch_size or max(batch // world_size, 1)
     a = config.alignment
+    local = config.train.micro_batch_size or max(batch // world_size, 1)
+    group = batch if a.negatives_scope == "global" else local  # global: every query meets the global batch
     b = step_breakdown(
         name, phase, batch, encoders=config.encoder.names, resolution=config.encoder.resolution,
         warmup_depth=config.erw.warmup_depth, projector_dim=config.model.projector_dim, objective=a.objective,

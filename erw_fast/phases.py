@@ -32,6 +32,7 @@ from erw_fast.objectives import (
 from erw_fast.randomness import StepDraw
 
 Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]  # what is back-propagated, and the parts that are logged
+Keys = tuple[list[torch.Tensor], int]  # the global batch's teacher features, and this micro-batch's first row
 
 
 class Phase:
@@ -55,9 +56,18 @@ class Phase:
         """The teacher's features of the micro-batch ``sl`` (None when this phase does not align)."""
         return self.teacher.targets(batch, sl) if self.aligns else None
 
+    @property
+    def global_keys(self) -> bool:
+        """Whether the step must gather the whole global batch's teacher features (NT-Xent, global negatives)."""
+        return self.aligns and self.alignment.wants_global_keys
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
-             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
+        """What is back-propagated for the micro-batch ``sl``, and the logged parts."""
         raise NotImplementedError
+
+    def _alignment(self, keys: Keys | None) -> AlignmentObjective:
+        return self.alignment if keys is None else self.alignment.with_keys(*keys)
 
     def alignment_weight(self, step: int) -> float:
         """λ at ``step``, as logged (NaN where no λ weighs an alignment term)."""
@@ -101,9 +111,9 @@ class WarmupPhase(Phase):
         return SiTPhase1(self.depth, **{**sit_kwargs, "use_rope": self.rope})
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
-             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
         assert targets is not None
-        align = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self.alignment,
+        align = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self._alignment(keys),
                             legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels)
         loss = self.weight * align
         return loss, {"loss": loss, "loss_align": align}
@@ -126,11 +136,11 @@ class DiffusionPhase(Phase):
         return SiT(encoder_depth=self.encoder_depth, **sit_kwargs)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
-             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int) -> Losses:
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
         latents = batch["latents"][sl]
         out = diffusion_loss(
             model, latents, batch["labels"][sl], self.interpolant, encoder_features=targets,
-            alignment=self.alignment if self.aligns else None, alignment_weight=self.alignment_weight(step),
+            alignment=self._alignment(keys) if self.aligns else None, alignment_weight=self.alignment_weight(step),
             t=draw.t.to(latents.dtype), noise=draw.noise.to(latents.dtype), force_drop_ids=draw.drop_labels,
         )
         parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
@@ -146,7 +156,8 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
     """The run's phases in order: ERW = warmup then full; REPA and plain SiT are one phase."""
     c = config
     a = c.alignment
-    alignment = AlignmentObjective(a.objective, a.temperature, a.negatives, a.symmetric, alignment_backend)
+    alignment = AlignmentObjective(a.objective, a.temperature, a.negatives, a.symmetric, alignment_backend,
+                                   a.negatives_scope)
     total = c.train.total_steps
 
     def full(name: str, start: int, lam: ERWLambdaSchedule | ConstantLambda | None) -> DiffusionPhase:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from erw_fast.config import Config, ConfigError
 from erw_fast.engines import Engine
@@ -77,8 +78,8 @@ class TrainStep:
     """
 
     def __init__(self, plan: BatchPlan, randomness: GlobalBatchRandomness, rank: int, precision: str,
-                 device: torch.device) -> None:
-        self.plan, self.randomness, self.rank = plan, randomness, rank
+                 device: torch.device, world_size: int = 1) -> None:
+        self.plan, self.randomness, self.rank, self.world_size = plan, randomness, rank, world_size
         self.precision, self.device = precision, device
         self.skips = SkipCounter(device)
         self.last: dict[str, torch.Tensor] = {}  # the last step's totals (named in a non-finite abort)
@@ -92,22 +93,28 @@ class TrainStep:
             latent_shape=(m.in_channels, m.input_size, m.input_size), class_dropout_prob=m.class_dropout_prob,
             interpolant=Interpolant(config.diffusion.path_type), time_weighting=config.diffusion.time_weighting,
             device=env.device)
-        return cls(plan, randomness, env.rank, config.train.precision, env.device)
+        return cls(plan, randomness, env.rank, config.train.precision, env.device, env.world_size)
 
     def __call__(self, engine: Engine, phase: Phase, step: int, batch: dict[str, torch.Tensor],
                  region: Region = _no_region) -> dict[str, torch.Tensor]:
         b = self.plan
-        draw = self.randomness.draw(step, self.rank * b.local_batch, b.local_batch)
+        first_row = self.rank * b.local_batch  # this rank's samples are rows [first_row, + local) of the step
+        draw = self.randomness.draw(step, first_row, b.local_batch)
+        keys = self._global_keys(phase, batch, region) if phase.global_keys else None
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, b.local_batch, b.micro_batch):
             sl = slice(start, start + b.micro_batch)
             # DDP all-reduces on the last micro-batch only: no_sync must cover forward and backward.
             with engine.micro_batch(last=start + b.micro_batch >= b.local_batch):
                 with autocast_context(self.precision, self.device):
-                    region("encoder")
-                    targets = phase.targets(batch, sl)
+                    if keys is None:
+                        region("encoder")
+                        targets, mine = phase.targets(batch, sl), None
+                    else:
+                        row = first_row + start
+                        targets, mine = [k[row : row + b.micro_batch] for k in keys], (keys, row)
                     region("forward")
-                    loss, parts = phase.loss(engine.forward_module, batch, sl, targets, draw.rows(sl), step)
+                    loss, parts = phase.loss(engine.forward_module, batch, sl, targets, draw.rows(sl), step, mine)
                 region("backward")
                 engine.backward(loss)
             for key, value in parts.items():
@@ -119,3 +126,20 @@ class TrainStep:
         totals["lambda"] = torch.tensor(phase.alignment_weight(step))
         self.last = totals
         return totals
+
+    def _global_keys(self, phase: Phase, batch: dict[str, torch.Tensor], region: Region) -> list[torch.Tensor]:
+        """The teacher's features of the whole global batch (every rank, every micro-batch), one tensor per
+        encoder: NT-Xent's candidates with alignment.negatives_scope=global. The teacher runs once on the local
+        batch; one all-gather per encoder brings the other ranks' rows (no gradient: the teacher is frozen)."""
+        region("encoder")
+        with autocast_context(self.precision, self.device):
+            local = phase.targets(batch, slice(None))
+        if self.world_size == 1:
+            return local
+        gathered = []
+        for features in local:
+            features = features.contiguous()
+            out = features.new_empty((self.world_size * features.shape[0], *features.shape[1:]))
+            dist.all_gather_into_tensor(out, features)
+            gathered.append(out)
+        return gathered

@@ -316,3 +316,26 @@ def test_resume_under_another_zero_stage_is_a_clear_error(tmp_path):
          "engine.kind=deepspeed", "engine.zero_stage=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "written with ZeRO-2 and this run is configured for ZeRO-3: resume with engine.zero_stage=2" in result.stderr
+
+
+# ------------------------------------------------------------------------------- NT-Xent's global negatives
+
+NT_XENT = ("alignment.objective=nt_xent", "alignment.backend=torch")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_nt_xent_global_negatives_give_the_same_run_on_any_world_size_and_accumulation(tmp_path):
+    """alignment.negatives_scope=global (the default): every query sees the whole global batch's teacher tokens,
+    so one process, accumulation 2 and 2 DDP ranks train the same run; with local negatives they do not."""
+    one = tiny_config(tmp_path, "one", *NT_XENT)
+    Trainer(one).run()
+    Trainer(tiny_config(tmp_path, "acc", *NT_XENT, "train.micro_batch_size=4")).run()
+    launch(tmp_path, "ddp", *NT_XENT)
+    assert_same_run(tmp_path / "acc", one.run_dir)
+    assert_same_run(tmp_path / "ddp", one.run_dir)
+    Trainer(tiny_config(tmp_path, "local", *NT_XENT, "alignment.negatives_scope=local",
+                        "train.micro_batch_size=4")).run()
+    first = {r["step"]: r["loss_align"] for r in read(one.run_dir)}
+    local = {r["step"]: r["loss_align"] for r in read(tmp_path / "local")}
+    assert abs(local[1] - first[1]) > 1e-3 * abs(first[1])  # half the candidates: another loss

@@ -293,12 +293,16 @@ def test_phase_names_and_errors() -> None:
         F.sit_flops("SiT-S/2", phase="warmup", warmup_depth=13)
 
 
-def test_nt_xent_negatives_follow_the_micro_batch() -> None:
-    # the M×M logits grow with the per-device group, not the global batch
-    one = F.step_flops(_demo_config("alignment.objective=nt_xent"), "full")["alignment_training"]
-    split = F.step_flops(_demo_config("alignment.objective=nt_xent", "train.micro_batch_size=16"),  # 64 = 4 × 16
+def test_nt_xent_negatives_follow_the_candidate_set() -> None:
+    # local negatives: the M×M logits grow with the per-device group, not the global batch
+    local = ("alignment.objective=nt_xent", "alignment.negatives_scope=local")
+    one = F.step_flops(_demo_config(*local), "full")["alignment_training"]
+    split = F.step_flops(_demo_config(*local, "train.micro_batch_size=16"),  # 64 = 4 × 16
                          "full")["alignment_training"]
     assert one == pytest.approx(4 * split)
+    # global negatives: every query meets the whole global batch, however the batch is split
+    whole = F.step_flops(_demo_config("alignment.objective=nt_xent", "train.micro_batch_size=16"), "full")
+    assert whole["alignment_training"] == pytest.approx(one)
 
 
 # ------------------------------------------------------------------------------------------- cost splits

@@ -4,7 +4,7 @@ with weighted alignment of Phase 2 / REPA / plain SiT."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ class AlignmentObjective:
     negatives: str = "batch"
     symmetric: bool = False
     backend: str = "auto"
+    negatives_scope: str = "local"  # global: NT-Xent's candidates are keys the step passes in (``with_keys``)
+    # The global batch's teacher features (one per encoder) and the row of this micro-batch's first sample.
+    keys: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
+    key_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in ALIGNMENT_OBJECTIVES:
@@ -38,10 +42,25 @@ class AlignmentObjective:
         if self.negatives not in NEGATIVE_SETS:
             raise ValueError(f"unknown negatives {self.negatives!r}; choose one of {NEGATIVE_SETS}")
         check_temperature(self.temperature)
+        if self.negatives_scope not in ("global", "local"):
+            raise ValueError(f"unknown negatives scope {self.negatives_scope!r}; choose global or local")
+
+    @property
+    def wants_global_keys(self) -> bool:
+        """NT-Xent over the global batch: the step gathers every rank's and micro-batch's teacher features."""
+        return self.objective == "nt_xent" and self.negatives_scope == "global"
+
+    def with_keys(self, keys: Sequence[torch.Tensor], offset: int) -> AlignmentObjective:
+        """This objective for one micro-batch whose samples start at row ``offset`` of ``keys``."""
+        return replace(self, keys=tuple(keys), key_offset=offset)
 
     def __call__(self, projs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.objective == "cosine":
             return repa_cosine_loss(projs, targets, backend=self.backend)
+        if self.keys is not None:  # the positives are the keys at key_offset: targets are those rows
+            return nt_xent_loss(projs, None, temperature=self.temperature, negatives=self.negatives,
+                                symmetric=self.symmetric, backend=self.backend, keys=list(self.keys),
+                                key_offset=self.key_offset)
         return nt_xent_loss(
             projs, targets, temperature=self.temperature, negatives=self.negatives,
             symmetric=self.symmetric, backend=self.backend,
