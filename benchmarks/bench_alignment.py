@@ -277,6 +277,9 @@ def run_benchmarks(
         k = F.normalize(t.reshape(b * tt, d).float(), dim=-1)
         return nt_xent_batch_chunked(q, k, TEMPERATURE, False)
 
+    # The backward is timed with retain_graph=True after a first backward; AOTAutograd's donated buffers refuse
+    # that (the first backward freed them), so the compiled row keeps its buffers.
+    torch._functorch.config.donated_buffer = False
     compiled_naive = torch.compile(naive_nt_xent, backend=compile_backend, dynamic=False)
     nt_impls = {
         "triton": triton_nt_xent,

@@ -46,8 +46,12 @@ class WeightEMA(ABC):
         leave the EMA untouched without reading the flag on the host."""
         if not self._ema:
             return
-        weight = 1.0 - self.decay if applied is None else (1.0 - self.decay) * applied.to(torch.float32)
-        torch._foreach_lerp_(self._ema, self._sources(), weight)
+        if applied is None:
+            torch._foreach_lerp_(self._ema, self._sources(), 1.0 - self.decay)
+            return
+        # A tensor weight must go in as a list: the single-tensor form is read with .item(), a host sync per step.
+        weight = (1.0 - self.decay) * applied.to(torch.float32)
+        torch._foreach_lerp_(self._ema, self._sources(), [weight.to(t.dtype) for t in self._ema])
 
     @abstractmethod
     def state_dict(self, everywhere: bool = True) -> dict[str, torch.Tensor]:

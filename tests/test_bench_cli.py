@@ -305,3 +305,23 @@ def test_train_bench_profile_writes_traces_with_step_regions(tmp_path: Path) -> 
     names = [e.get("name", "") for e in trace["traceEvents"]]
     for region in ("step", *bench.REGIONS):  # every region once per profiled step
         assert names.count(f"full_fast+compile_b2/{region}") == 2, region
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from erw_fast.bench import train as bench_train
+
+    real = bench_train.trainer_step
+
+    def compile_breaks(config, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if config.train.compile:
+            raise RuntimeError("inductor failed\nlong details")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "trainer_step", compile_breaks)
+    args = ["train", *TRAIN_TINY, "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--phases",
+            "full", "--compile", "both", "--out", str(tmp_path), "--name", "e"]
+    assert bench.main(args) == 1  # not every case ran
+    results = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert [(r["variant"], r["status"]) for r in results] == [
+        ("fast", "ok"), ("fast+compile", "error: RuntimeError: inductor failed")]

@@ -96,3 +96,37 @@ def test_every_ema_has_one_interface(kind, one_rank_group):
     ema.load_state_dict(start)
     for key, value in ema.state_dict().items():
         torch.testing.assert_close(value, start[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_device_side_skip_flag_is_never_read_on_the_host():
+    """update(applied=flag) weighs the lerp by a 0-dim tensor without converting it to a Python number (which
+    would wait for the GPU every step): no aten._local_scalar_dense in the update, and the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from erw_fast.ema import EMA
+
+    class Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    flagged, plain = EMA(model, 0.9), EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    calls = Calls()
+    with calls:
+        flagged.update(applied=torch.tensor(True))
+    assert not any("_local_scalar_dense" in name for name in calls.names), calls.names
+    plain.update()
+    for a, b in zip(flagged.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    flagged.update(applied=torch.tensor(False))  # a skipped step leaves it untouched
+    for a, b in zip(flagged.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -419,6 +419,12 @@ def run_train_benchmark(
                     results.append(_bench_variant(s, phase, batch, variant, device, teacher, host))
                 except torch.cuda.OutOfMemoryError:
                     results.append({"phase": phase, "variant": label, "batch": batch, "status": "oom"})
+                except ValueError:  # bad input: the same for every variant, reported once
+                    raise
+                except Exception as error:  # e.g. a compile failure in one variant: recorded, the others still run
+                    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+                    results.append({"phase": phase, "variant": label, "batch": batch,
+                                    "status": f"error: {type(error).__name__}: {first}"})
                 finally:
                     _free(device)
                 r = results[-1]
