@@ -74,15 +74,7 @@ def read_checkpoint(path: str | os.PathLike[str], trust_torchscript: bool = Fals
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise EncoderWeightsError(f"encoder weights file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        error: Exception = exc
-    if _is_torchscript_archive(path):
+    if _is_torchscript_archive(path):  # before torch.load, which would only refuse it (weights_only) with a warning
         digest = sha256_of(path)
         if digest not in KNOWN_TORCHSCRIPT_SHA256 and not trust_torchscript:
             raise EncoderWeightsError(
@@ -91,8 +83,17 @@ def read_checkpoint(path: str | os.PathLike[str], trust_torchscript: bool = Fals
                 "trust it, or set encoder.trust_torchscript=true if you trust this file")
         try:
             return dict(torch.jit.load(path, map_location="cpu").state_dict())
-        except Exception as jit_exc:  # pragma: no cover - depends on the file
-            error = jit_exc
+        except Exception as exc:  # pragma: no cover - depends on the file
+            error: Exception = exc
+    else:
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(path, device="cpu")
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            error = exc
     raise EncoderWeightsError(
         f"could not read encoder weights from {path}: {type(error).__name__}: {error}. Expected a "
         "safetensors file or a torch checkpoint loadable with torch.load(weights_only=True); convert "
