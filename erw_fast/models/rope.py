@@ -36,7 +36,11 @@ class Rope2D(nn.Module):
         self.register_buffer("freqs_sin", table.sin())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, heads, T, head_dim)."""
+        """x: (B, heads, T, head_dim). Tokens in front of the grid (REG's class token: T = 1 + grid²) have no grid
+        position and are not rotated (this project's choice: neither ERW nor REG combines the two)."""
+        prefix = x.shape[-2] - self.freqs_cos.shape[0]
+        if prefix:
+            return torch.cat([x[..., :prefix, :], self(x[..., prefix:, :])], dim=-2)
         cos, sin = self.freqs_cos.to(x.dtype), self.freqs_sin.to(x.dtype)
         return x * cos + rotate_pairs(x) * sin
 

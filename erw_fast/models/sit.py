@@ -3,6 +3,12 @@
 Read top to bottom: blocks → the shared trunk (embedders, blocks, projectors) → the full model → the
 Phase-1 (L2R, "latent-to-representation") model that ERW's warmup builds → named configurations.
 State-dict keys and shapes equal the reference REPA/ERW implementation, so released checkpoints load strictly.
+
+The class-token option (``cls_token_dim``, REG: Representation Entanglement for Generation) adds one token in
+front of the patch tokens: the teacher's (noisy) CLS feature, projected to the model width
+(``cls_projectors2`` + ``wg_norm``), with a zero row in ``pos_embed``. Every block and projector then sees 1 + N
+tokens, and the final layer predicts the class token's velocity from token 0 (``final_layer.linear_cls``). Key
+names and order are REG's, so its checkpoints load strictly too.
 """
 
 from __future__ import annotations
@@ -69,24 +75,34 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) → Linear to p·p·C per token. No learned sigma."""
+    """adaLN (shift, scale) → Linear to p·p·C per token. No learned sigma.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+    With a class token (``cls_dim``): the same adaLN and norm for all tokens, then ``linear`` on the patch tokens
+    1.. and ``linear_cls`` (hidden → cls_dim) on token 0; returns (patches, class-token output).
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cls_dim: int | None = None) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.linear_cls = nn.Linear(hidden_size, cls_dim, bias=True) if cls_dim is not None else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if self.linear_cls is None:
+            return self.linear(x)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
 class _SiTTrunk(nn.Module):
     """What both ERW phases share: embedders, the first `num_blocks` blocks and the projectors.
 
     Attribute names are the reference's, so the full model and the Phase-1 model have identical keys for
-    every shared tensor and weight transfer between them is a plain name match.
+    every shared tensor and weight transfer between them is a plain name match. With ``cls_token_dim`` the
+    sequence is 1 + N tokens; the class token's embedder is registered by ``_add_class_token_embedder`` (after the
+    final layer in the full model, where REG's state dict has it).
     """
 
     def __init__(
@@ -108,6 +124,7 @@ class _SiTTrunk(nn.Module):
         qk_norm: bool,
         use_rope: bool,
         attn_backend: str,
+        cls_token_dim: int | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= encoder_depth <= depth:
@@ -121,13 +138,17 @@ class _SiTTrunk(nn.Module):
         self.z_dims = list(z_dims)
         self.encoder_depth = encoder_depth
         self.use_rope = use_rope
+        self.cls_token_dim = _check_cls_token_dim(cls_token_dim, self.z_dims)
+        self.num_prefix_tokens = int(cls_token_dim is not None)  # the class token, in front of the patches
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        # Frozen sin-cos table, kept as a parameter (requires_grad=False) because checkpoints store it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        # Frozen sin-cos table, kept as a parameter (requires_grad=False) because checkpoints store it; a class
+        # token's row (row 0) stays zero.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + num_patches, hidden_size),
+                                      requires_grad=False)
         self.feat_rope = Rope2D(hidden_size // num_heads, self.x_embedder.grid_size) if use_rope else None
         if use_rope:
             self._register_load_state_dict_pre_hook(self._complete_rope_tables)
@@ -136,6 +157,12 @@ class _SiTTrunk(nn.Module):
             for _ in range(num_built_blocks)
         )
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in self.z_dims)
+
+    def _add_class_token_embedder(self) -> None:
+        """REG's class-token input: Linear(cls_token_dim → hidden), then an affine LayerNorm (eps 1e-6)."""
+        if self.cls_token_dim is not None:
+            self.cls_projectors2 = nn.Linear(self.cls_token_dim, self.hidden_size, bias=True)
+            self.wg_norm = nn.LayerNorm(self.hidden_size, elementwise_affine=True, eps=1e-6)
 
     def _complete_rope_tables(self, state_dict: dict, prefix: str, *args: object) -> None:
         self.feat_rope.fill_missing(state_dict, prefix + "feat_rope.")
@@ -161,7 +188,9 @@ class _SiTTrunk(nn.Module):
 
         self.apply(basic_init)
         grid = self.x_embedder.grid_size
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, grid)).float()[None])
+        self.pos_embed.data.zero_()
+        table = torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, grid)).float()
+        self.pos_embed.data[0, self.num_prefix_tokens :].copy_(table)
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as an nn.Linear, not a conv
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -173,10 +202,22 @@ class _SiTTrunk(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
 
     def embed(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+        cls_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (N, T, D) with position embedding, and the conditioning vector c = emb(t) + emb(y)."""
-        tokens = self.x_embedder(x) + self.pos_embed
+        """Tokens (N, T, D) with position embedding, and the conditioning vector c = emb(t) + emb(y).
+
+        A class-token model takes ``cls_token`` (N, cls_token_dim) and puts it in front: T = 1 + patches."""
+        tokens = self.x_embedder(x)
+        if self.cls_token_dim is not None:
+            if cls_token is None:
+                raise ValueError("this SiT has a class token (REG): pass cls_token=, shaped (N, "
+                                 f"{self.cls_token_dim})")
+            cls = self.wg_norm(self.cls_projectors2(cls_token))
+            tokens = torch.cat([cls.unsqueeze(1), tokens], dim=1)
+        elif cls_token is not None:
+            raise ValueError("cls_token was given, but this SiT has no class token (build it with cls_token_dim=)")
+        tokens = tokens + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         return tokens, c
 
@@ -184,24 +225,26 @@ class _SiTTrunk(nn.Module):
         return [projector(hidden) for projector in self.projectors]
 
     def hidden_after(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int | None = None,
+        cls_token: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden state after block `depth` (counted from 1; default: encoder_depth)."""
         depth = self.encoder_depth if depth is None else depth
         if not 0 <= depth <= len(self.blocks):
             raise ValueError(f"depth must be in [0, {len(self.blocks)}] for this model, got {depth}")
-        h, c = self.embed(x, t, y)
+        h, c = self.embed(x, t, y, cls_token=cls_token)
         for block in self.blocks[:depth]:
             h = block(h, c, self.feat_rope)
         return h
 
 
 class SiT(_SiTTrunk):
-    """The full SiT. ``forward(x, t, y) -> (v, [z per encoder])``.
+    """The full SiT. ``forward(x, t, y) -> (v, [z per encoder])``; with a class token (``cls_token_dim``, REG)
+    ``forward(x, t, y, cls_token=c) -> (v, [z per encoder], class-token velocity)``, each z over 1 + N tokens.
 
-    Accepts the reference constructor keywords. ``decoder_hidden_size`` exists only for compatibility: the
-    reference builds the final layer at that width (768 by default), which breaks SiT-S and any model whose
-    hidden size is not 768 unless overridden; here it must equal ``hidden_size`` (or be left out).
+    Accepts the reference constructor keywords (REPA's and REG's). ``decoder_hidden_size`` exists only for
+    compatibility: the reference builds the final layer at that width (768 by default), which breaks SiT-S and any
+    model whose hidden size is not 768 unless overridden; here it must equal ``hidden_size`` (or be left out).
     """
 
     def __init__(
@@ -222,6 +265,7 @@ class SiT(_SiTTrunk):
         use_rope: bool = False,
         attn_backend: str = "sdpa",
         decoder_hidden_size: int | None = None,
+        cls_token_dim: int | None = None,
         **reference_only: object,
     ) -> None:
         _check_reference_only(reference_only)
@@ -235,17 +279,19 @@ class SiT(_SiTTrunk):
             depth=depth, num_built_blocks=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=z_dims,
             projector_dim=projector_dim, encoder_depth=encoder_depth, qk_norm=qk_norm, use_rope=use_rope,
-            attn_backend=attn_backend,
+            attn_backend=attn_backend, cls_token_dim=cls_token_dim,
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cls_token_dim)
+        self._add_class_token_embedder()
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         self._init_trunk()
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        final = self.final_layer
+        for layer in (final.adaLN_modulation[-1], final.linear, final.linear_cls):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p·p·C) → (N, C, H, W)."""
@@ -255,22 +301,27 @@ class SiT(_SiTTrunk):
         return x.reshape(x.shape[0], c, h * p, h * p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h, c = self.embed(x, t, y, force_drop_ids)
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+        cls_token: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        h, c = self.embed(x, t, y, force_drop_ids, cls_token)
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             h = block(h, c, self.feat_rope)
             if i + 1 == self.encoder_depth:
                 zs = self.project(h)
-        return self.unpatchify(self.final_layer(h, c)), zs
+        if self.cls_token_dim is None:
+            return self.unpatchify(self.final_layer(h, c)), zs
+        patches, cls_out = self.final_layer(h, c)
+        return self.unpatchify(patches), zs, cls_out
 
 
 class SiTPhase1(_SiTTrunk):
     """ERW Phase 1 (L2R): embedders, the first ``warmup_depth`` blocks and the projectors — nothing else.
 
     The late blocks and the final layer are never allocated. The projectors read the last built block.
-    ``forward(x, t, y) -> [z per encoder]``; ERW runs it on clean latents at t = 0.
+    ``forward(x, t, y) -> [z per encoder]``; ERW runs it on clean latents at t = 0. With ``cls_token_dim`` (this
+    project's extension: ERW's warmup on a REG model) it takes the clean class token too and projects 1 + N tokens.
     """
 
     def __init__(
@@ -292,6 +343,7 @@ class SiTPhase1(_SiTTrunk):
         attn_backend: str = "sdpa",
         encoder_depth: int | None = None,
         decoder_hidden_size: int | None = None,
+        cls_token_dim: int | None = None,
         **reference_only: object,
     ) -> None:
         _check_reference_only(reference_only)
@@ -307,15 +359,17 @@ class SiTPhase1(_SiTTrunk):
             depth=depth, num_built_blocks=warmup_depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=z_dims,
             projector_dim=projector_dim, encoder_depth=warmup_depth, qk_norm=qk_norm, use_rope=use_rope,
-            attn_backend=attn_backend,
+            attn_backend=attn_backend, cls_token_dim=cls_token_dim,
         )
         self.warmup_depth = warmup_depth
+        self._add_class_token_embedder()
         self._init_trunk()
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+        cls_token: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        h, c = self.embed(x, t, y, force_drop_ids)
+        h, c = self.embed(x, t, y, force_drop_ids, cls_token)
         for block in self.blocks:
             h = block(h, c, self.feat_rope)
         return self.project(h)
@@ -329,6 +383,19 @@ def _check_reference_only(kwargs: dict[str, object]) -> None:
     unknown = set(kwargs) - _REFERENCE_NOOP_KWARGS
     if unknown:
         raise TypeError(f"unexpected SiT keyword argument(s): {sorted(unknown)}")
+
+
+def _check_cls_token_dim(cls_token_dim: int | None, z_dims: Sequence[int]) -> int | None:
+    """REG's class token is the first encoder's CLS feature: its width is z_dims[0] (REG's constructor silently
+    replaces its cls_token_dim argument by it; here a different value is an error)."""
+    if cls_token_dim is None:
+        return None
+    if cls_token_dim < 1:
+        raise ValueError(f"cls_token_dim must be a positive width, got {cls_token_dim}")
+    if z_dims and cls_token_dim != z_dims[0]:
+        raise ValueError(f"cls_token_dim={cls_token_dim} differs from the first encoder's width z_dims[0]="
+                         f"{z_dims[0]}: REG's class token is that encoder's CLS feature")
+    return cls_token_dim
 
 
 # ----------------------------------------------------------------------------------------------------------

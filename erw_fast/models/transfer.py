@@ -22,12 +22,19 @@ class TransferReport:
             ids = sorted({int(k.split(".")[1]) for k in keys if k.startswith("blocks.")})
             return f"blocks {ids[0]}..{ids[-1]}" if ids else "no blocks"
 
-        return (
+        text = (
             f"copied {len(self.copied)} tensors ({blocks(self.copied)}, "
             f"projectors={'yes' if any(k.startswith('projectors.') for k in self.copied) else 'no'}); "
             f"{len(self.fresh)} fresh ({blocks(self.fresh)}, final_layer); "
             f"{len(self.skipped)} Phase-1 tensors not carried over"
         )
+        if any(k.startswith(_CLASS_TOKEN_KEYS) for k in self.copied + self.fresh):
+            carried = any(k.startswith(_CLASS_TOKEN_KEYS) for k in self.copied)
+            text += f"; class-token embedder {'copied' if carried else 'fresh'}"
+        return text
+
+
+_CLASS_TOKEN_KEYS = ("cls_projectors2.", "wg_norm.")  # REG's class-token input embedder
 
 
 def transfer_phase1_weights(
@@ -39,6 +46,9 @@ def transfer_phase1_weights(
 
     Every Phase-1 key must exist in the full model with the same shape — a mismatch (another width, a
     projector for another encoder) is an error naming the key and both shapes, raised before anything is copied.
+    The one exception is the fixed ``pos_embed`` of a warmup without REG's class token going into a class-token
+    model: its N rows are the full model's patch rows (row 0, the class token's, stays zero). A class-token
+    warmup carries its class-token embedder (``cls_projectors2``, ``wg_norm``) like any other tensor.
     """
     source = phase1.state_dict() if isinstance(phase1, nn.Module) else dict(phase1)
     target = full_model.state_dict()
@@ -51,6 +61,8 @@ def transfer_phase1_weights(
             continue
         if key not in target:
             problems.append(f"{key}: not in the full model")
+        elif key == "pos_embed" and _patch_rows(tensor, target[key]):
+            plan[key] = torch.cat([target[key][:, : target[key].shape[1] - tensor.shape[1]], tensor], dim=1)
         elif target[key].shape != tensor.shape:
             problems.append(f"{key}: Phase-1 shape {tuple(tensor.shape)} vs full-model {tuple(target[key].shape)}")
         else:
@@ -65,3 +77,9 @@ def transfer_phase1_weights(
     report.copied = sorted(plan, key=list(target).index)
     report.fresh = [k for k in target if k not in plan]
     return report
+
+
+def _patch_rows(source: torch.Tensor, target: torch.Tensor) -> bool:
+    """A position table of the patch tokens only, going into one that has class-token rows in front."""
+    return source.shape[0] == target.shape[0] and source.shape[2] == target.shape[2] and \
+        source.shape[1] < target.shape[1]
