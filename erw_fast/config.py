@@ -25,9 +25,21 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
-    mode: Literal["erw", "repa", "sit"] = "erw"
+    # erw: ERW's warmup, then diffusion + decaying λ·alignment; repa: diffusion + constant λ·alignment; sit: plain
+    # diffusion; reg: REPA + REG's class token; erw_reg: ERW with REG's class token in Phase 2 (see `reg`).
+    mode: Literal["erw", "repa", "sit", "reg", "erw_reg"] = "erw"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @property
+    def warmup(self) -> bool:
+        """The run starts with ERW's warmup (Phase 1)."""
+        return self.mode in ("erw", "erw_reg")
+
+    @property
+    def class_token(self) -> bool:
+        """The diffusion phase's SiT takes the teacher's CLS token as a class token (REG)."""
+        return self.mode in ("reg", "erw_reg")
 
 
 @dataclass
@@ -111,6 +123,18 @@ class ERWConfig:
     # alignment loss is logged as loss_align either way.
     warmup_loss_weight: float = 0.5
     warmup_rope: bool = False  # the reference never uses RoPE in the warmup model (model.use_rope: Phase 2)
+
+
+@dataclass
+class RegConfig:
+    """REG (run.mode reg / erw_reg): the first encoder's CLS token, noised with the latent's t, enters the SiT as
+    token 0; its velocity is predicted from token 0 and the alignment target is [CLS, patch tokens]."""
+
+    cls_weight: float = 0.03  # REG's --cls: weight of the class token's velocity loss
+    # erw_reg only, this project's extension (in neither ERW's nor REG's code): ERW's warmup on the class-token
+    # model (clean latents and the clean CLS at t = 0, alignment over 1 + N tokens), its class-token embedder
+    # carried into Phase 2. false: the released ERW warmup; Phase 2's class-token embedder starts fresh.
+    warmup_class_token: bool = False
 
 
 @dataclass
@@ -202,6 +226,9 @@ class CheckpointConfig:
     export_reference: bool = True  # also write the reference layout {model, ema, args, steps} at the end
     resume: str = "auto"  # auto (latest in the run dir) | none | path to a checkpoint
     init_from_reference: str | None = None  # a reference checkpoint to start from (a warmup one → Phase 1)
+    # A rerun of a finished run says it is complete and rewrites nothing; true: it writes the export again (a
+    # missing export is always written). The final checkpoint is never rewritten.
+    reexport: bool = False
     # On these signals (a scheduler's time limit or preemption) save at the next step boundary and exit with
     # 128 + the signal number; [] leaves the default (the process dies, work since the last checkpoint is lost).
     stop_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
@@ -232,6 +259,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     erw: ERWConfig = field(default_factory=ERWConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -390,7 +418,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.total_steps must be ≥ 1, got {train.total_steps}")
     if train.global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size must be ≥ 1, got {train.global_batch_size}")
-    if config.run.mode == "erw":
+    if config.run.warmup:
         if not 0 < erw.warmup_steps < train.total_steps:
             raise ConfigError(
                 f"erw.warmup_steps ({erw.warmup_steps}) must be > 0 and < train.total_steps ({train.total_steps})"
@@ -399,7 +427,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"erw.warmup_depth ({erw.warmup_depth}) must be in [1, model depth {depth}]")
         if not erw.warmup_loss_weight > 0:
             raise ConfigError(f"erw.warmup_loss_weight must be > 0, got {erw.warmup_loss_weight}")
-    if config.run.mode in ("erw", "repa"):
+    if config.run.mode != "sit":
         if not 1 <= align.encoder_depth <= depth:
             raise ConfigError(
                 f"alignment.encoder_depth ({align.encoder_depth}) is beyond the model: {config.model.name} has "
@@ -415,6 +443,7 @@ def validate(config: Config) -> None:
                 f"encoder.weights_paths has {len(config.encoder.weights_paths)} entries for "
                 f"{len(config.encoder.names)} encoders"
             )
+    _check_reg(config)
     try:
         check_temperature(align.temperature)
     except ValueError as error:
@@ -437,6 +466,25 @@ def validate(config: Config) -> None:
     _check_ranges(config)
 
 
+def _check_reg(config: Config) -> None:
+    from erw_fast.encoders.registry import get_encoder_spec, parse_encoder_names
+
+    mode = config.run.mode
+    if config.reg.warmup_class_token and mode != "erw_reg":
+        raise ConfigError(f"reg.warmup_class_token: only run.mode=erw_reg has a warmup with a class token "
+                          f"(run.mode is {mode!r})")
+    if not config.run.class_token:
+        return
+    try:
+        first = parse_encoder_names(config.encoder.names)[0]
+        spec = get_encoder_spec(first)
+    except (ValueError, IndexError):
+        return  # an unknown or missing encoder name is reported where the encoders are checked
+    if not spec.class_token:
+        raise ConfigError(f"encoder.names: run.mode={mode} takes the first encoder's CLS token, and {spec.name} "
+                          "has none (put an encoder with a class token, e.g. dinov2-vit-b, first)")
+
+
 # Numeric ranges: (dotted key, whether a value is allowed, the rule, what the key means). None (an optional left
 # unset) always passes. Without these, 0 or a negative value failed only later: a ZeroDivisionError after step 1
 # (checkpoint.every, logging.log_every), an abort of a healthy run (train.max_nonfinite_steps), or was accepted.
@@ -452,6 +500,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str, str], ...] = (
     ("erw.half_life", lambda v: v > 0, "> 0", "steps over which λ halves"),
     ("erw.c0", lambda v: v >= 0, "≥ 0", "λ's starting value; leave unset for the preset"),
     ("alignment.weight", lambda v: v >= 0, "≥ 0", "REPA's λ"),
+    ("reg.cls_weight", lambda v: v >= 0, "≥ 0", "the weight of REG's class-token loss"),
     ("optim.lr", lambda v: v >= 0, "≥ 0", "the learning rate"),
     ("optim.weight_decay", lambda v: v >= 0, "≥ 0", "AdamW's weight decay"),
     ("optim.eps", lambda v: v > 0, "> 0", "AdamW's epsilon"),
@@ -484,4 +533,7 @@ def _check_ranges(config: Config) -> None:
 
 
 def dump_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Atomically: a kill while it is rewritten on resume keeps the previous file whole."""
+    from erw_fast.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -19,7 +19,11 @@ Conventions
   query side is trained, so its logits' backward is 1× (dq). Elementwise backward ≈ 2× forward.
 - **Phases.** ERW Phase 1 ("warmup") trains embedders + the first L blocks + the projector(s) and runs the frozen
   encoder forward; Phase 2 ("full"), REPA ("repa") train the whole SiT with projector(s) plus the encoder forward;
-  plain SiT ("sit") has neither projector nor encoder.
+  plain SiT ("sit") has neither projector nor encoder; REG ("reg") is REPA with the class token.
+- **REG's class token** (``cls_token_dim``; phase "reg", or any phase with ``class_token=True``): every block,
+  the final layer's norm and the projectors run on 1 + N tokens, plus the class token's embedder (Linear Dc→D,
+  whose input needs no gradient: backward 1×) and head (Linear D→Dc); the alignment covers 1 + N tokens. The
+  teacher's forward already counts its CLS token.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ if TYPE_CHECKING:  # the config module imports nothing heavy, but keep flops imp
 
 FLOPS_PER_MAC = 2
 MATMUL, ELEMENTWISE = "matmul", "elementwise"
-PHASES = ("warmup", "full", "repa", "sit")
+PHASES = ("warmup", "full", "repa", "sit", "reg")
 TIMESTEP_FREQ_DIM = 256  # SiT's sinusoidal timestep features
 
 # Elementwise estimates, FLOPs per element (forward). See the module docstring.
@@ -192,8 +196,10 @@ class SiTShape:
         return shape
 
 
-def _sit_block(out: FlopBreakdown, s: SiTShape, batch: int, blocks: int, attention_recompute: bool) -> None:
-    n, t, d, h = batch * s.tokens, s.tokens, s.hidden_size, s.mlp_hidden
+def _sit_block(out: FlopBreakdown, s: SiTShape, batch: int, blocks: int, attention_recompute: bool,
+               prefix: int = 0) -> None:
+    t = s.tokens + prefix  # the sequence: patches and the class token (REG)
+    n, d, h = batch * t, s.hidden_size, s.mlp_hidden
     # qkv, proj, fc1, fc2 on every token
     out.add("sit.blocks.linear", blocks * (_mm(n, d, 3 * d) + _mm(n, d, d) + _mm(n, d, h) + _mm(n, h, d)), 2.0)
     # Q·Kᵀ and A·V: 2·T²·D multiply-adds per sample and block, split over heads
@@ -209,19 +215,25 @@ def _sit_block(out: FlopBreakdown, s: SiTShape, batch: int, blocks: int, attenti
     out.add("sit.blocks.elementwise", blocks * (n * per_token + batch * _SILU * d), 2.0, ELEMENTWISE)
 
 
-def _sit_embedders(out: FlopBreakdown, s: SiTShape, batch: int) -> None:
+def _sit_embedders(out: FlopBreakdown, s: SiTShape, batch: int, cls_token_dim: int | None = None) -> None:
     n, d, p = batch * s.tokens, s.hidden_size, s.patch_size
     out.add("sit.embed.patch", _mm(n, s.in_channels * p * p, d), 1.0)  # reads the latents: no input gradient
     out.add("sit.embed.timestep", _mm(batch, TIMESTEP_FREQ_DIM, d), 1.0)  # reads the fixed sinusoids
     out.add("sit.embed.timestep", _mm(batch, d, d), 2.0)
     # label embedding: a table lookup (no FLOPs); + pos_embed, + label vector, SiLU inside the MLP
     out.add("sit.embed.elementwise", n * d + batch * (d + _SILU * d), 2.0, ELEMENTWISE)
+    if cls_token_dim is not None:  # REG: Linear Dc→D on the (noisy) teacher CLS, affine LayerNorm, + pos_embed row
+        out.add("sit.embed.class_token", _mm(batch, cls_token_dim, d), 1.0)
+        out.add("sit.embed.elementwise", batch * (_LN_AFFINE + 1) * d, 2.0, ELEMENTWISE)
 
 
-def _sit_final(out: FlopBreakdown, s: SiTShape, batch: int) -> None:
+def _sit_final(out: FlopBreakdown, s: SiTShape, batch: int, cls_token_dim: int | None = None) -> None:
     n, d, p = batch * s.tokens, s.hidden_size, s.patch_size
     out.add("sit.final_layer", _mm(batch, d, 2 * d) + _mm(n, d, p * p * s.in_channels), 2.0)
-    out.add("sit.final_layer.elementwise", n * (_LN + _MODULATE) * d + batch * _SILU * d, 2.0, ELEMENTWISE)
+    rows = n + (batch if cls_token_dim is not None else 0)  # the shared norm and modulation see the class token
+    out.add("sit.final_layer.elementwise", rows * (_LN + _MODULATE) * d + batch * _SILU * d, 2.0, ELEMENTWISE)
+    if cls_token_dim is not None:  # REG's class-token head: Linear D→Dc on token 0
+        out.add("sit.final_layer", _mm(batch, d, cls_token_dim), 2.0)
 
 
 def projector_flops(
@@ -246,18 +258,27 @@ def sit_flops(
     z_dims: Sequence[int] = (768,),
     projector_dim: int = 2048,
     attention_recompute: bool = False,
+    cls_token_dim: int | None = None,
     **overrides: Any,
 ) -> FlopBreakdown:
     """FLOPs of the trained SiT part of one step at ``batch`` samples (no encoder, no loss).
 
     ``model``: a name ('SiT-XL/2') with constructor ``overrides`` (input_size, depth, hidden_size, …), or a
     mapping of SiT constructor keywords. ``phase``: 'full' / 'repa' (the whole SiT + projectors), 'warmup' (ERW
-    Phase 1: embedders + first ``warmup_depth`` blocks + projectors), 'sit' (the whole SiT, no projector).
-    ``z_dims=()`` also drops the projectors. ``encoder_depth`` only checks the value (where the projector reads
-    does not change the FLOPs). ``attention_recompute`` adds FlashAttention's recomputed Q·Kᵀ to the backward.
+    Phase 1: embedders + first ``warmup_depth`` blocks + projectors), 'sit' (the whole SiT, no projector), 'reg'
+    (REPA's with REG's class token). ``z_dims=()`` also drops the projectors. ``encoder_depth`` only checks the
+    value (where the projector reads does not change the FLOPs). ``attention_recompute`` adds FlashAttention's
+    recomputed Q·Kᵀ to the backward. ``cls_token_dim``: REG's class token in any phase (default for 'reg':
+    ``z_dims[0]``).
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; choose one of {PHASES}")
+    if phase == "reg" and cls_token_dim is None:
+        if not z_dims:
+            raise ValueError("phase 'reg' needs the class token's width: pass z_dims or cls_token_dim")
+        cls_token_dim = z_dims[0]
+    if cls_token_dim is None and not isinstance(model, str):  # SiT constructor keywords may carry it
+        cls_token_dim = dict(model).get("cls_token_dim")
     shape = SiTShape.resolve(model, **overrides)
     label = model if isinstance(model, str) else "SiT"
     if phase == "warmup":
@@ -269,17 +290,19 @@ def sit_flops(
     if encoder_depth is not None and not 1 <= encoder_depth <= shape.depth:
         raise ValueError(f"encoder_depth must be in [1, {shape.depth}], got {encoder_depth}")
     zs = [] if phase == "sit" else list(z_dims)
+    prefix = int(cls_token_dim is not None)
     out = FlopBreakdown(
         f"{label} {phase}", batch,
         settings={"model": label, "phase": phase, "blocks": blocks, "tokens": shape.tokens, "z_dims": zs,
-                  "projector_dim": projector_dim, **{k: getattr(shape, k) for k in SiTShape.__dataclass_fields__}},
+                  "projector_dim": projector_dim, "cls_token_dim": cls_token_dim,
+                  "sequence": shape.tokens + prefix, **{k: getattr(shape, k) for k in SiTShape.__dataclass_fields__}},
     )
-    _sit_embedders(out, shape, batch)
-    _sit_block(out, shape, batch, blocks, attention_recompute)
+    _sit_embedders(out, shape, batch, cls_token_dim)
+    _sit_block(out, shape, batch, blocks, attention_recompute, prefix)
     if phase != "warmup":
-        _sit_final(out, shape, batch)
+        _sit_final(out, shape, batch, cls_token_dim)
     if zs:
-        out = out.merged(projector_flops(shape.hidden_size, batch, shape.tokens, zs, projector_dim))
+        out = out.merged(projector_flops(shape.hidden_size, batch, shape.tokens + prefix, zs, projector_dim))
     return out
 
 
@@ -385,18 +408,22 @@ def step_breakdown(
     symmetric: bool = False,
     alignment_group: int | None = None,
     attention_recompute: bool = False,
+    class_token: bool | None = None,
     **overrides: Any,
 ) -> FlopBreakdown:
     """Everything one training step computes at ``batch`` samples: the trained SiT part, the frozen encoder
     forward(s) and the alignment loss. ``alignment_group``: samples per NT-Xent negative set (the micro-batch
-    on one device; default ``batch``)."""
+    on one device; default ``batch``). ``class_token``: REG's class token (the first encoder's width); default:
+    for phase 'reg' only."""
     phase = check_phase(phase)
     aligns = phase != "sit"
     from erw_fast.encoders import get_encoder_spec
 
     z_dims = [get_encoder_spec(e).embed_dim for e in encoders] if aligns else []
+    class_token = phase == "reg" if class_token is None else class_token and aligns
     sit = sit_flops(model, batch, phase, warmup_depth=warmup_depth if phase == "warmup" else None, z_dims=z_dims,
-                    projector_dim=projector_dim, attention_recompute=attention_recompute, **overrides)
+                    projector_dim=projector_dim, attention_recompute=attention_recompute,
+                    cls_token_dim=z_dims[0] if class_token else None, **overrides)
     parts = [sit]
     if aligns:
         parts += [encoder_flops(e, resolution, batch) for e in encoders]
@@ -409,7 +436,7 @@ def step_breakdown(
         group = alignment_group or batch
         if batch % group:
             raise ValueError(f"alignment group {group} does not divide the batch {batch}")
-        align = alignment_flops(group, sit.settings["tokens"], z_dims, objective, negatives, symmetric)
+        align = alignment_flops(group, sit.settings["sequence"], z_dims, objective, negatives, symmetric)
         parts.append(align.scaled(batch // group))
     out = parts[0].merged(*parts[1:], label=f"{sit.settings['model']} {phase} step")
     out.settings.update({"encoders": list(encoders) if aligns else [], "resolution": resolution,
@@ -426,7 +453,9 @@ def _config_model(config: Config) -> tuple[str, dict[str, Any]]:
 
 
 def step_flops(config: Config, phase: str, world_size: int = 1) -> dict[str, Any]:
-    """Per-step FLOPs at the config's global batch for ``phase`` ('warmup', 'full', 'repa', 'sit').
+    """Per-step FLOPs at the config's global batch for ``phase`` ('warmup', 'full', 'repa', 'sit', 'reg'); with
+    REG's class token where the run's phase has it (run.mode reg / erw_reg; erw_reg's warmup only with
+    reg.warmup_class_token).
 
     The NT-Xent negative set is the global batch (``alignment.negatives_scope: global``) or one micro-batch on
     one device (``local``: ``train.micro_batch_size``, else the global batch / ``world_size``). Returns totals
@@ -441,7 +470,8 @@ def step_flops(config: Config, phase: str, world_size: int = 1) -> dict[str, Any
     b = step_breakdown(
         name, phase, batch, encoders=config.encoder.names, resolution=config.encoder.resolution,
         warmup_depth=config.erw.warmup_depth, projector_dim=config.model.projector_dim, objective=a.objective,
-        negatives=a.negatives, symmetric=a.symmetric, alignment_group=group, **overrides,
+        negatives=a.negatives, symmetric=a.symmetric, alignment_group=group,
+        class_token=config.run.class_token and (phase != "warmup" or config.reg.warmup_class_token), **overrides,
     )
     model = FlopBreakdown("model", batch, {k: v for k, v in b.components.items() if k.startswith(("sit.", "proj"))})
     return {

@@ -5,6 +5,11 @@ next phase and what it logs; the trainer runs them in order and never asks which
   latents (t = 0), trained on the alignment loss alone; its weights seed the full model.
 - ``DiffusionPhase``: the full SiT on x_t = α_t·x0 + σ_t·ε, v-prediction MSE + λ(s)·alignment. ERW Phase 2
   (λ decaying from c0), REPA (constant λ) or plain SiT (no teacher, no alignment).
+- ``RegPhase``: a ``DiffusionPhase`` on a class-token SiT (REG): the teacher's CLS token, noised with the
+  latent's t, is token 0; + cls_weight · its velocity MSE; alignment over [CLS, patches]. REPA + REG (constant λ)
+  or ERW's Phase 2 with REG (λ decaying).
+- ``RegWarmupPhase``: ERW's warmup on the class-token model (clean CLS at t = 0, 1 + N tokens aligned), this
+  project's extension.
 
 One global step counter runs over the whole run: phase k covers steps [start, end).
 """
@@ -43,6 +48,7 @@ class Phase:
     end_tag: str | None = None  # a checkpoint written under this tag when the phase completes
     monitored: bool = True  # the EMA monitors (samples, CKNNA, FID) run in this phase
     exported: bool = True  # a run that ends in this phase writes the reference-layout export
+    class_token: bool = False  # REG: the model takes the first encoder's CLS token as token 0
 
     def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective) -> None:
         self.start, self.end = start, end
@@ -53,8 +59,15 @@ class Phase:
         raise NotImplementedError
 
     def targets(self, batch: dict[str, torch.Tensor], sl: slice) -> list[torch.Tensor] | None:
-        """The teacher's features of the micro-batch ``sl`` (None when this phase does not align)."""
-        return self.teacher.targets(batch, sl) if self.aligns else None
+        """The teacher's features of the micro-batch ``sl`` (None when this phase does not align); with a class
+        token, [CLS, patch tokens] per encoder."""
+        return self.teacher.targets(batch, sl, with_cls=self.class_token) if self.aligns else None
+
+    def _model_kwargs(self, sit_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The SiT's arguments: a class token has the first encoder's width (as REG builds it)."""
+        if not self.class_token:
+            return sit_kwargs
+        return {**sit_kwargs, "cls_token_dim": sit_kwargs["z_dims"][0]}
 
     @property
     def global_keys(self) -> bool:
@@ -89,6 +102,8 @@ class Phase:
             # The teacher's features are frozen: the one-sided loss takes the kernels' one-pass form.
             form = "two passes (symmetric)" if a.symmetric else "one pass, frozen teacher"
             text += f" ({form}; {describe_tiles(device)})"
+        if self.class_token:
+            text += ", REG class token (the first encoder's CLS)"
         return text
 
 
@@ -108,18 +123,28 @@ class WarmupPhase(Phase):
         self.weight, self.rope = weight, rope
 
     def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
-        return SiTPhase1(self.depth, **{**sit_kwargs, "use_rope": self.rope})
+        return SiTPhase1(self.depth, **{**self._model_kwargs(sit_kwargs), "use_rope": self.rope})
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
              targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
         assert targets is not None
+        cls_token = targets[0][:, 0] if self.class_token else None  # the clean CLS: t = 0
         align = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self._alignment(keys),
-                            legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels)
+                            legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels,
+                            cls_token=cls_token)
         loss = self.weight * align
         return loss, {"loss": loss, "loss_align": align}
 
     def carry_into(self, weights: dict[str, torch.Tensor], model: nn.Module) -> TransferReport:
         return transfer_phase1_weights(weights, model, include_projectors=self.reuse_projector)
+
+
+class RegWarmupPhase(WarmupPhase):
+    """ERW's warmup on REG's class-token model — this project's extension, in neither released code: the clean
+    latents and the teacher's clean CLS token at t = 0, the alignment over all 1 + N tokens (token 0 with the
+    CLS); the class-token embedder is carried into Phase 2 with the rest."""
+
+    class_token = True
 
 
 class DiffusionPhase(Phase):
@@ -133,7 +158,7 @@ class DiffusionPhase(Phase):
         self.interpolant, self.encoder_depth, self.lam = interpolant, encoder_depth, lam
 
     def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
-        return SiT(encoder_depth=self.encoder_depth, **sit_kwargs)
+        return SiT(encoder_depth=self.encoder_depth, **self._model_kwargs(sit_kwargs))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
              targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
@@ -142,18 +167,47 @@ class DiffusionPhase(Phase):
             model, latents, batch["labels"][sl], self.interpolant, encoder_features=targets,
             alignment=self._alignment(keys) if self.aligns else None, alignment_weight=self.alignment_weight(step),
             t=draw.t.to(latents.dtype), noise=draw.noise.to(latents.dtype), force_drop_ids=draw.drop_labels,
+            **self._class_token_inputs(targets, draw, latents.dtype),
         )
         parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
         if out.alignment is not None:
             parts["loss_align"] = out.alignment
+        if out.cls is not None:
+            parts["loss_cls"] = out.cls
         return out.loss, parts
+
+    def _class_token_inputs(self, targets: Sequence[torch.Tensor] | None, draw: StepDraw,
+                            dtype: torch.dtype) -> dict[str, Any]:
+        return {}
 
     def alignment_weight(self, step: int) -> float:
         return self.lam(step) if self.lam is not None else float("nan")
 
 
+class RegPhase(DiffusionPhase):
+    """REG: the diffusion phase on a class-token SiT. The first encoder's CLS token is noised with the latent's
+    t and its own noise (the step draw's ``cls_noise``), enters as token 0, and cls_weight · the MSE of its
+    predicted velocity joins the loss; the alignment target is [CLS, patch tokens] over all 1 + N projector
+    tokens. λ: REPA's constant (run.mode reg) or ERW's schedule (Phase 2 of erw_reg)."""
+
+    class_token = True
+
+    def __init__(self, name: str, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
+                 interpolant: Interpolant, encoder_depth: int, lam: ERWLambdaSchedule | ConstantLambda,
+                 cls_weight: float) -> None:
+        super().__init__(name, start, end, teacher, alignment, interpolant=interpolant, encoder_depth=encoder_depth,
+                         lam=lam)
+        self.cls_weight = cls_weight
+
+    def _class_token_inputs(self, targets: Sequence[torch.Tensor] | None, draw: StepDraw,
+                            dtype: torch.dtype) -> dict[str, Any]:
+        assert targets is not None and draw.cls_noise is not None, "REG needs the teacher and the class-token noise"
+        return {"cls_token": targets[0][:, 0].to(dtype), "cls_noise": draw.cls_noise.to(dtype),
+                "cls_weight": self.cls_weight}
+
+
 def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> list[Phase]:
-    """The run's phases in order: ERW = warmup then full; REPA and plain SiT are one phase."""
+    """The run's phases in order: ERW (erw, erw_reg) = warmup then full; REPA, REG and plain SiT are one phase."""
     c = config
     a = c.alignment
     alignment = AlignmentObjective(a.objective, a.temperature, a.negatives, a.symmetric, alignment_backend,
@@ -161,16 +215,19 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
     total = c.train.total_steps
 
     def full(name: str, start: int, lam: ERWLambdaSchedule | ConstantLambda | None) -> DiffusionPhase:
-        return DiffusionPhase(name, start, total, teacher, alignment, interpolant=Interpolant(c.diffusion.path_type),
-                              encoder_depth=a.encoder_depth, lam=lam)
+        common = dict(interpolant=Interpolant(c.diffusion.path_type), encoder_depth=a.encoder_depth, lam=lam)
+        if c.run.class_token:
+            return RegPhase(name, start, total, teacher, alignment, cls_weight=c.reg.cls_weight, **common)
+        return DiffusionPhase(name, start, total, teacher, alignment, **common)
 
-    if c.run.mode == "erw":
+    if c.run.warmup:
         e = c.erw
         c0 = e.c0 if e.c0 is not None else erw_c0_preset(c.model.name)
-        warmup = WarmupPhase(0, e.warmup_steps, teacher, alignment, depth=e.warmup_depth,
-                             reuse_projector=e.reuse_projector, legacy_loss=e.legacy_warmup_loss,
-                             weight=e.warmup_loss_weight, rope=e.warmup_rope)
+        kind = RegWarmupPhase if c.reg.warmup_class_token else WarmupPhase
+        warmup = kind(0, e.warmup_steps, teacher, alignment, depth=e.warmup_depth,
+                      reuse_projector=e.reuse_projector, legacy_loss=e.legacy_warmup_loss,
+                      weight=e.warmup_loss_weight, rope=e.warmup_rope)
         return [warmup, full("full", e.warmup_steps, ERWLambdaSchedule(c0, e.warmup_steps, total, e.half_life))]
-    if c.run.mode == "repa":
-        return [full("repa", 0, ConstantLambda(a.weight))]
+    if c.run.mode in ("repa", "reg"):
+        return [full(c.run.mode, 0, ConstantLambda(a.weight))]
     return [full("sit", 0, None)]

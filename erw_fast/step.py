@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from erw_fast.config import Config, ConfigError
+from erw_fast.encoders.teacher import class_token_dim
 from erw_fast.engines import Engine
 from erw_fast.objectives import Interpolant
 from erw_fast.phases import Phase
@@ -73,8 +74,9 @@ class SkipCounter:
 class TrainStep:
     """``step(engine, phase, s, batch)``: one optimizer step on this rank's share of the global batch ``s``.
 
-    The diffusion times, noise and label dropout come from the global-batch draw of step ``s`` (the rows of this
-    rank's samples), so any world size and accumulation trains on the same (sample, noise) pairs.
+    The diffusion times, noise (and REG's class-token noise) and label dropout come from the global-batch draw of
+    step ``s`` (the rows of this rank's samples), so any world size and accumulation trains on the same (sample,
+    noise) pairs.
     """
 
     def __init__(self, plan: BatchPlan, randomness: GlobalBatchRandomness, rank: int, precision: str,
@@ -92,7 +94,7 @@ class TrainStep:
             seed=config.run.seed, global_batch=plan.global_batch,
             latent_shape=(m.in_channels, m.input_size, m.input_size), class_dropout_prob=m.class_dropout_prob,
             interpolant=Interpolant(config.diffusion.path_type), time_weighting=config.diffusion.time_weighting,
-            device=env.device)
+            device=env.device, cls_dim=class_token_dim(config))
         return cls(plan, randomness, env.rank, config.train.precision, env.device, env.world_size)
 
     def __call__(self, engine: Engine, phase: Phase, step: int, batch: dict[str, torch.Tensor],

@@ -129,7 +129,11 @@ class Encoder(nn.Module):
         return preprocess_raw_image(images, self.spec)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_cls: bool = False) -> torch.Tensor:
+        """Patch tokens (B, N, D); ``with_cls``: (B, 1 + N, D) with the CLS token first (REG's target and class
+        token: DINOv2's ``x_norm_clstoken``, normalised like the patch tokens), register tokens left out."""
+        if with_cls and not self.spec.class_token:
+            raise ValueError(f"{self.name} has no CLS token (REG needs an encoder with one, e.g. dinov2-vit-b)")
         if (
             images.ndim != 4
             or images.shape[1] != 3
@@ -145,7 +149,10 @@ class Encoder(nn.Module):
         if autocast_dtype is None:
             weight = next(self.model.parameters())
             x = x.to(weight.dtype)
-        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+        features = self.model.forward_features(x)
+        tokens = features[:, self.model.num_prefix_tokens :]
+        if with_cls:
+            tokens = torch.cat([features[:, :1], tokens], dim=1)
         if autocast_dtype is not None:
             # A final LayerNorm runs in fp32 under autocast; hand back the autocast dtype consistently.
             tokens = tokens.to(autocast_dtype)

@@ -11,7 +11,8 @@ from erw_fast.config import Config, ConfigError
 
 
 class Teacher:
-    """Frozen encoders; ``targets`` gives one (B, T, D) feature tensor per encoder for a slice of a batch."""
+    """Frozen encoders; ``targets`` gives one (B, T, D) feature tensor per encoder for a slice of a batch
+    (``with_cls``: T = 1 + patches, the CLS token first)."""
 
     def __init__(self, encoders: list[nn.Module] | None = None) -> None:
         self.encoders: list[nn.Module] = list(encoders or [])
@@ -22,10 +23,31 @@ class Teacher:
         return [int(e.embed_dim) for e in self.encoders]
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, torch.Tensor], sl: slice) -> list[torch.Tensor]:
+    def targets(self, batch: dict[str, torch.Tensor], sl: slice, with_cls: bool = False) -> list[torch.Tensor]:
         if "features" in batch:  # precomputed teacher features (one encoder)
-            return [batch["features"][sl]]
-        return [encoder(batch["images"][sl].float()) for encoder in self.encoders]
+            return [self._cached(batch["features"][sl], with_cls)]
+        return [encoder(batch["images"][sl].float(), with_cls=with_cls) for encoder in self.encoders]
+
+    def _cached(self, features: torch.Tensor, with_cls: bool) -> torch.Tensor:
+        """Precomputed features: patch tokens, or the CLS token then the patch tokens (``erw-prepare
+        --encoder-cls-token``), told apart by the token count."""
+        patches = self.encoders[0].num_patches() if self.encoders else features.shape[1] - int(with_cls)
+        has_cls = features.shape[1] == patches + 1
+        if with_cls and not has_cls:
+            raise ValueError(f"the precomputed features hold {features.shape[1]} tokens, not the CLS token and "
+                             f"{patches} patch tokens that REG needs: prepare the data with erw-prepare "
+                             "--encoder-cls-token")
+        return features if with_cls or not has_cls else features[:, 1:]
+
+
+def class_token_dim(config: Config) -> int | None:
+    """The width of REG's class token for this run (the first encoder's; None when the run has no class token),
+    from the encoder registry: known before any weights are loaded."""
+    if not config.run.class_token:
+        return None
+    from erw_fast.encoders.registry import get_encoder_spec, parse_encoder_names
+
+    return get_encoder_spec(parse_encoder_names(config.encoder.names)[0]).embed_dim
 
 
 def load_teacher(config: Config, device: torch.device, sit_tokens: int,

@@ -1,5 +1,5 @@
 """Per-phase training losses: ERW Phase 1 (alignment only, clean latents at t = 0) and the diffusion loss
-with weighted alignment of Phase 2 / REPA / plain SiT."""
+with weighted alignment of Phase 2 / REPA / plain SiT, and REG's class-token term on either."""
 
 from __future__ import annotations
 
@@ -88,12 +88,18 @@ def phase1_loss(
     alignment: AlignmentObjective,
     legacy_warmup_loss: bool = False,
     force_drop_ids: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ERW Phase 1: the Phase-1 model on clean latents at t = 0, trained on the alignment loss alone.
 
-    ``force_drop_ids`` (1 = drop the label) replaces the model's own label-dropout draw."""
+    ``force_drop_ids`` (1 = drop the label) replaces the model's own label-dropout draw. ``cls_token``: the
+    clean class token of a class-token model (this project's extension of ERW's warmup to REG)."""
     t = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
-    projs = model(latents, t, labels) if force_drop_ids is None else model(latents, t, labels, force_drop_ids)
+    extra = {} if cls_token is None else {"cls_token": cls_token}
+    if force_drop_ids is None:
+        projs = model(latents, t, labels, **extra)
+    else:
+        projs = model(latents, t, labels, force_drop_ids, **extra)
     if legacy_warmup_loss:
         return legacy_warmup_cosine_loss(projs, encoder_features)
     return alignment(projs, encoder_features)
@@ -101,9 +107,10 @@ def phase1_loss(
 
 @dataclass
 class DiffusionLossOutput:
-    loss: torch.Tensor  # what is back-propagated: diffusion + λ·alignment
+    loss: torch.Tensor  # what is back-propagated: diffusion + λ·alignment (+ REG's cls_weight·class-token loss)
     diffusion: torch.Tensor
     alignment: torch.Tensor | None
+    cls: torch.Tensor | None = None  # REG: the class token's velocity MSE (unweighted)
 
 
 def diffusion_loss(
@@ -120,12 +127,19 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     force_drop_ids: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    cls_noise: torch.Tensor | None = None,
+    cls_weight: float = 0.0,
 ) -> DiffusionLossOutput:
     """v-prediction MSE at t drawn from ``time_weighting`` (+ λ·alignment when features are given).
 
     Used for ERW Phase 2 (λ from the schedule), REPA (constant λ) and plain SiT (no features). ``t``, ``noise``
     and ``force_drop_ids`` may be given (the trainer draws them per global batch); otherwise they are drawn here
-    (t, noise from ``generator``) and by the model (label dropout)."""
+    (t, noise from ``generator``) and by the model (label dropout).
+
+    REG (``cls_token``, the teacher's clean CLS, (B, Dc)): it is noised with the same path and t as the latent
+    (``cls_noise``, drawn after the latent noise when not given), the model predicts its velocity from token 0,
+    and ``cls_weight`` · the per-sample mean over Dc of its squared error, averaged over the batch, is added."""
     if t is None:
         t = interpolant.sample_time(
             latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
@@ -134,9 +148,20 @@ def diffusion_loss(
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
     x_t, target = interpolant.interpolate(latents, noise, t)
     extra = () if force_drop_ids is None else (force_drop_ids,)
-    prediction, projs = model(x_t, t, labels, *extra)
+    if cls_token is None:
+        prediction, projs = model(x_t, t, labels, *extra)
+    else:
+        if cls_noise is None:
+            cls_noise = torch.randn(cls_token.shape, device=cls_token.device, dtype=cls_token.dtype,
+                                    generator=generator)
+        cls_t, cls_target = interpolant.interpolate(cls_token, cls_noise, t)
+        prediction, projs, cls_prediction = model(x_t, t, labels, *extra, cls_token=cls_t)
     diffusion = mean_flat((prediction.float() - target.float()) ** 2).mean()
-    if encoder_features is None or alignment is None:
-        return DiffusionLossOutput(diffusion, diffusion, None)
-    align = alignment(projs, encoder_features)
-    return DiffusionLossOutput(diffusion + alignment_weight * align, diffusion, align)
+    loss, align, cls = diffusion, None, None
+    if encoder_features is not None and alignment is not None:
+        align = alignment(projs, encoder_features)
+        loss = loss + alignment_weight * align
+    if cls_token is not None:
+        cls = mean_flat((cls_prediction.float() - cls_target.float()) ** 2).mean()
+        loss = loss + cls_weight * cls
+    return DiffusionLossOutput(loss, diffusion, align, cls)
