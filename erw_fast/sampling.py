@@ -11,6 +11,11 @@ Conventions (pinned by the golden tensors of the reference implementation):
   time at the start of the step, also for Heun's corrector), one batched forward runs on ``[x; x]`` with labels
   ``[y; null]`` (null = ``model.num_classes``) and the output becomes ``u + s·(c − u)`` on all channels. The ODE
   guides the velocity, the SDE the drift (as the reference does).
+- REG (a class-token SiT, ``cls_latents`` given): the class token is a second state, integrated jointly from its
+  own N(0, I) start on the same grid with the same update; the model sees it at every call and returns its
+  velocity. Its guidance uses ``cls_cfg_scale`` when > 0, else the conditional output alone (REG's rule; only
+  when the latent is guided at all). SDE: each step draws the latent's noise, then the class token's. REG ships
+  only the SDE; the ODE with the joint state is this project's extension.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ __all__ = [
 
 SDE_LAST_T = 0.04  # the SDE integrates stochastically down to this t, then takes one deterministic step to 0
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]
+Outputs = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 # Compiled forwards, one per model, so repeated sampler calls (one per batch) reuse the compiled graph.
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, ModelFn] = weakref.WeakKeyDictionary()
@@ -85,13 +91,32 @@ def _check_steps(num_steps: int) -> None:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
 
 
-def _check_common(path_type: str, cfg_scale: float, guidance_low: float, guidance_high: float) -> None:
+def _check_common(path_type: str, cfg_scale: float, guidance_low: float, guidance_high: float,
+                  cls_cfg_scale: float = 0.0) -> None:
     if path_type not in PATH_TYPES:
         raise ValueError(f"unknown path_type {path_type!r}; choose one of {PATH_TYPES}")
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be ≥ 1 (1 disables guidance), got {cfg_scale}")
     if guidance_low > guidance_high:
         raise ValueError(f"guidance_low ({guidance_low}) must not exceed guidance_high ({guidance_high})")
+    if cls_cfg_scale < 0:
+        raise ValueError(f"cls_cfg_scale must be ≥ 0 (0: the class token follows the conditional output), got "
+                         f"{cls_cfg_scale}")
+
+
+def _check_class_token(model: nn.Module | ModelFn, latents: torch.Tensor, cls_latents: torch.Tensor | None) -> None:
+    """A class-token model samples only with its class-token state, and a plain one only without."""
+    dim = getattr(model, "cls_token_dim", None)
+    if cls_latents is None:
+        if dim is not None:
+            raise ValueError(f"this SiT has a class token (REG): pass cls_latents= (N(0, I), shaped ({latents.shape[0]}"
+                             f", {dim}))")
+        return
+    if isinstance(model, nn.Module) and dim is None:
+        raise ValueError("cls_latents given, but the model has no class token")
+    if cls_latents.dim() != 2 or cls_latents.shape[0] != latents.shape[0] or (dim and cls_latents.shape[1] != dim):
+        raise ValueError(f"cls_latents must be (N, {dim or 'Dc'}) with N = {latents.shape[0]}, got "
+                         f"{tuple(cls_latents.shape)}")
 
 
 def _model_dtype(model: nn.Module | ModelFn, latents: torch.Tensor) -> torch.dtype:
@@ -112,8 +137,9 @@ def _null_label(model: nn.Module | ModelFn, null_label: int | None) -> int:
     return int(num_classes)
 
 
-def _forward_fn(model: nn.Module | ModelFn, compile: bool) -> ModelFn:
-    """``(x, t, y) -> v``: the model's first output (SiT returns ``(v, zs)``), optionally torch.compiled."""
+def _forward_fn(model: nn.Module | ModelFn, compile: bool) -> Outputs:
+    """``(x, t, y, cls) -> (v, class-token velocity or None)``: SiT returns ``(v, zs)``, a class-token SiT
+    ``(v, zs, cls_out)`` when given ``cls_token=``; optionally torch.compiled."""
     fn: ModelFn = model
     if compile:
         if not isinstance(model, nn.Module):
@@ -122,23 +148,30 @@ def _forward_fn(model: nn.Module | ModelFn, compile: bool) -> ModelFn:
             _COMPILED[model] = torch.compile(model)
         fn = _COMPILED[model]
 
-    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = fn(x, t, y)
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def outputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                cls: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cls is None:
+            out = fn(x, t, y)
+            return (out[0] if isinstance(out, (tuple, list)) else out), None
+        out = fn(x, t, y, cls_token=cls)
+        return out[0], out[-1]
 
-    return velocity
+    return outputs
 
 
 class _Guided:
-    """Evaluates the model at one time with or without CFG, in the reference's batching and dtype."""
+    """Evaluates the model at one time with or without CFG, in the reference's batching and dtype. The state is
+    ``[x]``, or ``[x, cls]`` for a class-token model (REG), each guided with its own scale."""
 
     def __init__(
         self, model: nn.Module | ModelFn, latents: torch.Tensor, y: torch.Tensor, cfg_scale: float,
         guidance_low: float, guidance_high: float, null_label: int | None, compile: bool,
+        cls_cfg_scale: float = 0.0,
     ) -> None:
         self.forward = _forward_fn(model, compile)
         self.dtype = _model_dtype(model, latents)
         self.cfg_scale, self.low, self.high = cfg_scale, guidance_low, guidance_high
+        self.scales = (cfg_scale, cls_cfg_scale)  # per state; a class-token scale ≤ 0: the conditional output
         self.y = y
         self.y_cfg = None
         if cfg_scale > 1.0:
@@ -148,19 +181,30 @@ class _Guided:
     def active(self, t_cur: float) -> bool:
         return self.y_cfg is not None and self.low <= t_cur <= self.high
 
-    def inputs(self, x: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.cat([x, x]), self.y_cfg) if guided else (x, self.y)
+    def inputs(self, states: Sequence[torch.Tensor], guided: bool) -> list[torch.Tensor]:
+        return [torch.cat([s, s]) for s in states] if guided else list(states)
 
-    def velocity(self, x: torch.Tensor, y: torch.Tensor, t: float) -> torch.Tensor:
-        """The model's output (float64) on an already (un)doubled batch."""
-        t_in = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-        return self.forward(x.to(self.dtype), t_in.to(self.dtype), y).to(torch.float64)
+    def outputs(self, states: Sequence[torch.Tensor], t: float, guided: bool) -> list[torch.Tensor]:
+        """The model's outputs (float64), one per state, on the (un)doubled batch ``states``."""
+        x = states[0]
+        y = self.y_cfg if guided else self.y
+        t_in = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device).to(self.dtype)
+        cls = states[1].to(self.dtype) if len(states) > 1 else None
+        v, cls_v = self.forward(x.to(self.dtype), t_in, y, cls)
+        return [v.to(torch.float64)] + ([cls_v.to(torch.float64)] if cls is not None else [])
 
-    def combine(self, out: torch.Tensor, guided: bool) -> torch.Tensor:
+    def combine(self, outs: Sequence[torch.Tensor], guided: bool) -> list[torch.Tensor]:
         if not guided:
-            return out
-        cond, uncond = out.chunk(2)
-        return uncond + self.cfg_scale * (cond - uncond)
+            return list(outs)
+        combined = []
+        for out, scale in zip(outs, self.scales, strict=False):
+            cond, uncond = out.chunk(2)
+            combined.append(uncond + scale * (cond - uncond) if scale > 0 else cond)
+        return combined
+
+    def velocity(self, states: Sequence[torch.Tensor], t: float, guided: bool) -> list[torch.Tensor]:
+        """The (guided) velocity of every state at ``t``."""
+        return self.combine(self.outputs(self.inputs(states, guided), t, guided), guided)
 
 
 # ---------------------------------------------------------------------------------------------- samplers
@@ -180,27 +224,33 @@ def euler_sampler(
     *,
     null_label: int | None = None,
     compile: bool = False,
-) -> torch.Tensor:
+    cls_latents: torch.Tensor | None = None,
+    cls_cfg_scale: float = 1.5,
+    return_cls: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Probability-flow ODE from t = 1 (``latents`` ~ N(0, I)) to t = 0 with Euler or Heun steps.
 
     ``path_type`` is accepted for reference compatibility: the ODE only needs the velocity, so it does not
-    enter. Returns the float64 state at t = 0.
+    enter. Returns the float64 state at t = 0. A class-token model (REG) needs ``cls_latents`` ~ N(0, I), (N, Dc):
+    the class token is integrated jointly (this project's extension: REG has no ODE sampler); ``return_cls``
+    returns (latent, class token).
     """
-    _check_common(path_type, cfg_scale, guidance_low, guidance_high)
+    _check_common(path_type, cfg_scale, guidance_low, guidance_high, cls_cfg_scale)
+    _check_class_token(model, latents, cls_latents)
     grid = ode_time_grid(num_steps).tolist()  # Python floats are the float64 grid values exactly
-    g = _Guided(model, latents, y, cfg_scale, guidance_low, guidance_high, null_label, compile)
-    x = latents.to(torch.float64)
+    g = _Guided(model, latents, y, cfg_scale, guidance_low, guidance_high, null_label, compile, cls_cfg_scale)
+    states = [s.to(torch.float64) for s in (latents, cls_latents) if s is not None]
     for i in range(num_steps):
         t_cur, t_next = grid[i], grid[i + 1]
         guided = g.active(t_cur)
-        d_cur = g.combine(g.velocity(*g.inputs(x, guided), t_cur), guided)
-        x_next = x + (t_next - t_cur) * d_cur
+        d_cur = g.velocity(states, t_cur, guided)
+        nxt = [s + (t_next - t_cur) * d for s, d in zip(states, d_cur, strict=True)]
         if heun and i < num_steps - 1:
             # The corrector reuses the guidance decision of t_cur (reference behaviour).
-            d_prime = g.combine(g.velocity(*g.inputs(x_next, guided), t_next), guided)
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-        x = x_next
-    return x
+            d_prime = g.velocity(nxt, t_next, guided)
+            nxt = [s + (t_next - t_cur) * (0.5 * d + 0.5 * dp) for s, d, dp in zip(states, d_cur, d_prime, strict=True)]
+        states = nxt
+    return (states[0], states[1]) if return_cls and cls_latents is not None else states[0]
 
 
 @torch.no_grad()
@@ -219,43 +269,65 @@ def euler_maruyama_sampler(
     generator: torch.Generator | None = None,
     null_label: int | None = None,
     compile: bool = False,
-) -> torch.Tensor:
+    cls_latents: torch.Tensor | None = None,
+    cls_cfg_scale: float = 1.5,
+    cls_noises: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    return_cls: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reverse-time SDE dx = [v − ½·w·score] dt + sqrt(w) dW̄, w(t) = 2t, by Euler–Maruyama.
 
     ``noises``: the ``num_steps − 1`` standard-normal draws (each shaped like ``latents``) to use instead of
     sampling, in step order (replays a recorded run). Otherwise they are drawn in float64 from ``generator``
     (the global RNG when None, like the reference's ``randn_like``). ``heun`` is accepted for reference
     compatibility and ignored. Returns the float64 state at t = 0.
+
+    REG (a class-token model): ``cls_latents`` ~ N(0, I), (N, Dc), is the class token's start; it follows the
+    same SDE with its own noise (``cls_noises`` to replay; drawn after the latent's each step otherwise) and
+    ``cls_cfg_scale`` (REG's generate.py default 1.5; ≤ 0: the conditional drift). ``return_cls`` returns
+    (latent, class token); REG itself returns only the latent.
     """
-    _check_common(path_type, cfg_scale, guidance_low, guidance_high)
+    _check_common(path_type, cfg_scale, guidance_low, guidance_high, cls_cfg_scale)
+    _check_class_token(model, latents, cls_latents)
     grid = sde_time_grid(num_steps).tolist()
     n_stochastic = num_steps - 1
-    if noises is not None and len(noises) != n_stochastic:
-        raise ValueError(f"noises holds {len(noises)} draws, the SDE with num_steps={num_steps} takes {n_stochastic}")
-    g = _Guided(model, latents, y, cfg_scale, guidance_low, guidance_high, null_label, compile)
-    x = latents.to(torch.float64)
+    replay = [noises] + ([cls_noises] if cls_latents is not None else [])
+    for name, recorded in zip(("noises", "cls_noises"), replay, strict=False):
+        if recorded is not None and len(recorded) != n_stochastic:
+            raise ValueError(f"{name} holds {len(recorded)} draws, the SDE with num_steps={num_steps} takes "
+                             f"{n_stochastic}")
+    g = _Guided(model, latents, y, cfg_scale, guidance_low, guidance_high, null_label, compile, cls_cfg_scale)
+    states = [s.to(torch.float64) for s in (latents, cls_latents) if s is not None]
 
-    def drift(x: torch.Tensor, t_cur: float) -> torch.Tensor:
+    def drift(states: list[torch.Tensor], t_cur: float) -> list[torch.Tensor]:
         guided = g.active(t_cur)
-        x_in, y_in = g.inputs(x, guided)
-        v = g.velocity(x_in, y_in, t_cur)
-        score = score_from_velocity(v, x_in, t_cur, path_type)
-        return g.combine(v - 0.5 * diffusion_coefficient(t_cur) * score, guided)
+        inputs = g.inputs(states, guided)
+        outs = g.outputs(inputs, t_cur, guided)
+        w = diffusion_coefficient(t_cur)
+        return g.combine([v - 0.5 * w * score_from_velocity(v, x, t_cur, path_type)
+                          for v, x in zip(outs, inputs, strict=True)], guided)
 
     for i in range(n_stochastic):
         t_cur, t_next = grid[i], grid[i + 1]
         dt = t_next - t_cur
-        if noises is not None:
-            eps = noises[i].to(device=x.device, dtype=torch.float64)
-            if eps.shape != x.shape:
-                raise ValueError(f"noises[{i}] has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
-        else:
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
-        d_cur = drift(x, t_cur)
-        x = x + d_cur * dt + math.sqrt(diffusion_coefficient(t_cur)) * (eps * math.sqrt(abs(dt)))
+        eps = [_step_noise(recorded, i, x, generator) for recorded, x in zip(replay, states, strict=True)]
+        d_cur = drift(states, t_cur)
+        states = [x + d * dt + math.sqrt(diffusion_coefficient(t_cur)) * (e * math.sqrt(abs(dt)))
+                  for x, d, e in zip(states, d_cur, eps, strict=True)]
     # Last step, deterministic: the mean of the final transition (no noise is added at t = 0).
     t_cur, t_next = grid[-2], grid[-1]
-    return x + (t_next - t_cur) * drift(x, t_cur)
+    states = [x + (t_next - t_cur) * d for x, d in zip(states, drift(states, t_cur), strict=True)]
+    return (states[0], states[1]) if return_cls and cls_latents is not None else states[0]
+
+
+def _step_noise(recorded: torch.Tensor | Sequence[torch.Tensor] | None, i: int, x: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Step ``i``'s standard-normal draw for state ``x``: the recorded one, or a float64 draw."""
+    if recorded is None:
+        return torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+    eps = recorded[i].to(device=x.device, dtype=torch.float64)
+    if eps.shape != x.shape:
+        raise ValueError(f"noises[{i}] has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
+    return eps
 
 
 # ---------------------------------------------------------------------------------------------- monitoring
