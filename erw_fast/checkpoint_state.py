@@ -129,9 +129,11 @@ def reference_start(path: str | Path, phases: Sequence[Phase],
 def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dict[str, Any]:
     """The `args` of a reference-layout export: the reference's keys (what REPA/ERW's generate.py reads) and the
     whole architecture, so that the file alone rebuilds its model (``cli.loading`` reads them back). A warmup
-    (Phase-1) export describes the Phase-1 model: its projectors read block ``erw.warmup_depth``."""
+    (Phase-1) export describes the Phase-1 model: its projectors read block ``erw.warmup_depth``. A REG model
+    adds REG's train.py keys (``cls``: the class-token loss weight) and its class token's width."""
     kwargs = c.model.sit_kwargs(z_dims)
     warmup = phase == "warmup"
+    reg = {"cls": c.reg.cls_weight, "cls_token_dim": z_dims[0]} if c.class_token_in(phase) and z_dims else {}
     return {"model": c.model.name, "phase": phase,
             "encoder_depth": c.erw.warmup_depth if warmup else c.alignment.encoder_depth,
             "enc_type": ",".join(c.encoder.names), "proj_coeff": c.alignment.weight, "path_type": c.diffusion.path_type,
@@ -141,7 +143,8 @@ def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dic
                                       "in_channels", "num_classes", "class_dropout_prob", "projector_dim",
                                       "qk_norm")},
             "use_rope": c.erw.warmup_rope if warmup else c.model.use_rope,
-            **({"l2r_depth": c.erw.warmup_depth, "warmup_loss_weight": c.erw.warmup_loss_weight} if warmup else {})}
+            **({"l2r_depth": c.erw.warmup_depth, "warmup_loss_weight": c.erw.warmup_loss_weight} if warmup else {}),
+            **reg}
 
 
 def export_consolidated(model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],

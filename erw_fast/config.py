@@ -271,6 +271,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def class_token_in(self, phase: str) -> bool:
+        """Whether this run's SiT has REG's class token in the phase named ``phase`` (its warmup only with
+        reg.warmup_class_token)."""
+        return self.run.class_token and (phase != "warmup" or self.reg.warmup_class_token)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name

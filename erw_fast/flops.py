@@ -471,7 +471,7 @@ def step_flops(config: Config, phase: str, world_size: int = 1) -> dict[str, Any
         name, phase, batch, encoders=config.encoder.names, resolution=config.encoder.resolution,
         warmup_depth=config.erw.warmup_depth, projector_dim=config.model.projector_dim, objective=a.objective,
         negatives=a.negatives, symmetric=a.symmetric, alignment_group=group,
-        class_token=config.run.class_token and (phase != "warmup" or config.reg.warmup_class_token), **overrides,
+        class_token=config.class_token_in(phase), **overrides,
     )
     model = FlopBreakdown("model", batch, {k: v for k, v in b.components.items() if k.startswith(("sit.", "proj"))})
     return {

@@ -63,11 +63,13 @@ class TrainingMonitor:
         g = torch.Generator().manual_seed(self.config.run.seed + 4244)
         noise = torch.randn(log.fid_samples, m.in_channels, m.input_size, m.input_size, generator=g)
         labels = torch.randint(0, m.num_classes, (log.fid_samples,), generator=g)
+        cls = _class_token_noise(model, log.fid_samples, g)
         was_training = model.training
         model.eval()
         try:
             latents = euler_sampler(model, noise.to(self.device), labels.to(self.device), num_steps=log.sample_steps,
-                                    path_type=self.config.diffusion.path_type)
+                                    path_type=self.config.diffusion.path_type,
+                                    cls_latents=cls.to(self.device) if cls is not None else None)
         finally:
             model.train(was_training)
         images = self._decoder().decode(latents.float()).permute(0, 2, 3, 1).numpy()
@@ -94,8 +96,10 @@ class TrainingMonitor:
         g = torch.Generator().manual_seed(self.config.run.seed + 4242)
         noise = torch.randn(log.sample_count, m.in_channels, m.input_size, m.input_size, generator=g)
         labels = torch.arange(log.sample_count) % m.num_classes
+        cls = _class_token_noise(model, log.sample_count, g)
         grid = sample_grid(model, labels.to(self.device), noise.to(self.device), self._decoder().decode,
-                           num_steps=log.sample_steps, path_type=self.config.diffusion.path_type)
+                           num_steps=log.sample_steps, path_type=self.config.diffusion.path_type,
+                           cls_noise=cls.to(self.device) if cls is not None else None)
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         matplotlib.image.imsave(path, grid.cpu().numpy())
@@ -103,6 +107,7 @@ class TrainingMonitor:
 
     @torch.no_grad()
     def _cknna(self, model: nn.Module, encoders: list[nn.Module]) -> list[float]:
+        from erw_fast.encoders.teacher import Teacher
         from erw_fast.evaluation.layerwise import layerwise_cknna, sit_layer_features
 
         if self._batch is None:
@@ -111,12 +116,24 @@ class TrainingMonitor:
         latents, labels = batch["latents"].to(self.device), batch["labels"].to(self.device)
         g = torch.Generator().manual_seed(self.config.run.seed + 4243)
         noise = torch.randn(latents.shape, generator=g).to(self.device)
+        cls_noise = _class_token_noise(model, latents.shape[0], g)
+        with_cls = cls_noise is not None  # REG: the first encoder's CLS is the model's class token
+        feats = Teacher(encoders[:1]).targets({k: v.to(self.device) for k, v in batch.items()}, slice(None),
+                                              with_cls=with_cls)[0]
+        cls = feats[:, 0] if with_cls else None
+        feats = feats[:, int(with_cls):]
         was_training = model.training
         model.eval()
         try:
             layers = sit_layer_features(model, latents, labels, self.config.logging.cknna_t, noise,
-                                        path_type=self.config.diffusion.path_type)
+                                        path_type=self.config.diffusion.path_type, cls_token=cls,
+                                        cls_noise=cls_noise.to(self.device) if with_cls else None)
         finally:
             model.train(was_training)
-        feats = batch["features"] if "features" in batch else encoders[0](batch["images"].to(self.device).float())
         return [round(v, 6) for v in layerwise_cknna(layers, feats, topk=min(10, latents.shape[0] - 1))]
+
+
+def _class_token_noise(model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor | None:
+    """A REG model's fixed class-token noise (N(0, I), drawn after the monitor's other draws); None for a SiT."""
+    dim = getattr(model, "cls_token_dim", None)
+    return torch.randn(n, dim, generator=generator) if dim is not None else None

@@ -367,18 +367,22 @@ def sample_grid(
     path_type: str = "linear",
     seed: int = 0,
     nrow: int | None = None,
+    cls_noise: torch.Tensor | None = None,
+    cls_cfg_scale: float = 1.5,
 ) -> torch.Tensor:
     """Sample fixed ``labels`` from fixed ``noise`` and tile the decoded images into one uint8 (H, W, 3) grid.
 
     For watching a run: the same inputs at every call make grids comparable across steps. The model runs in
     eval mode (no label dropout) and its previous mode is restored. ``decode`` maps float32 latents to uint8
-    (N, 3, H, W) images. The SDE draws its noise from a generator seeded with ``seed``.
+    (N, 3, H, W) images. The SDE draws its noise from a generator seeded with ``seed``. A class-token model (REG)
+    also takes the class token's fixed starting noise ``cls_noise`` (N, Dc).
     """
     was_training = model.training
     model.eval()
     try:
         kwargs = dict(num_steps=num_steps, heun=heun, cfg_scale=cfg_scale, guidance_low=guidance_low,
-                      guidance_high=guidance_high, path_type=path_type)
+                      guidance_high=guidance_high, path_type=path_type, cls_latents=cls_noise,
+                      cls_cfg_scale=cls_cfg_scale)
         if mode == "ode":
             latents = euler_sampler(model, noise, labels, **kwargs)
         elif mode == "sde":

@@ -54,10 +54,11 @@ def find_run_config(checkpoint: PathLike) -> Path | None:
 
 
 def sit_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Constructor arguments that the tensor shapes determine."""
+    """Constructor arguments that the tensor shapes determine (REG's class token included)."""
+    cls = sd.get("cls_projectors2.weight")  # (hidden, Dc): a REG model, with a class-token row in pos_embed
     try:
         hidden = sd["pos_embed"].shape[-1]
-        num_patches = sd["pos_embed"].shape[1]
+        num_patches = sd["pos_embed"].shape[1] - (cls is not None)
         proj = sd["x_embedder.proj.weight"]  # (hidden, C, p, p)
         fc1 = sd["blocks.0.mlp.fc1.weight"]
     except KeyError as exc:
@@ -75,6 +76,8 @@ def sit_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
     if "feat_rope.freqs_cos" in sd:  # absent tables say nothing: our checkpoints before they were persistent
         kwargs["use_rope"] = True
+    if cls is not None:
+        kwargs["cls_token_dim"] = int(cls.shape[1])
     return kwargs
 
 

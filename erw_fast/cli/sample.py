@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
+    p.add_argument("--cls-cfg-scale", type=float, default=1.5,
+                   help="REG models: the class token's guidance scale while the latent is guided (0: its conditional "
+                        "output; REG's generate.py default 1.5, its eval.sh 2.3)")
     p.add_argument("--path-type", choices=["linear", "cosine"], default=None, help="default: the checkpoint's")
     p.add_argument("--vae", default="auto",
                    help="auto (toy for demo runs, else ema) | toy | ema | mse | local diffusers VAE path")
@@ -87,12 +90,30 @@ def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 def _sampling_settings(args: argparse.Namespace, loaded: Any, world: int, vae: str, image_size: int,
                        path_type: str) -> dict[str, Any]:
     """Everything that decides which images a rank draws: a resumed run must match it exactly."""
-    return {"checkpoint": str(loaded.checkpoint), "checkpoint_step": loaded.step, "weights": loaded.weights,
-            "num_samples": args.num_samples, "batch_size": args.batch_size, "world_size": world, "seed": args.seed,
-            "mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun), "cfg_scale": args.cfg_scale,
-            "guidance_low": args.guidance_low, "guidance_high": args.guidance_high, "path_type": path_type,
-            "vae": vae, "image_size": image_size, "balanced_labels": bool(args.balanced_labels),
-            "precision": args.precision, "tf32": bool(args.tf32), "compile": bool(args.compile)}
+    settings = {"checkpoint": str(loaded.checkpoint), "checkpoint_step": loaded.step, "weights": loaded.weights,
+                "num_samples": args.num_samples, "batch_size": args.batch_size, "world_size": world,
+                "seed": args.seed, "mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun),
+                "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
+                "path_type": path_type, "vae": vae, "image_size": image_size,
+                "balanced_labels": bool(args.balanced_labels), "precision": args.precision, "tf32": bool(args.tf32),
+                "compile": bool(args.compile)}
+    if loaded.model.cls_token_dim is not None:
+        settings["cls_cfg_scale"] = args.cls_cfg_scale
+    return settings
+
+
+def _reg_protocol(args: argparse.Namespace, dim: int) -> dict[str, Any]:
+    """What a REG model's samples depend on beyond a SiT's: the class token's state, its guidance, its noise."""
+    return {
+        "class_token_dim": dim,
+        "cls_cfg_scale": args.cls_cfg_scale,
+        "cls_guidance": "uncond + cls_cfg_scale·(cond − uncond) where the latent is guided; cls_cfg_scale ≤ 0: "
+                        "cond only; nothing when cfg_scale ≤ 1",
+        "cls_init": "N(0, I) of shape (batch, class_token_dim), drawn from the rank's generator after the labels",
+        "cls_noise": "SDE: each step draws the latent's noise, then the class token's" if args.mode == "sde" else None,
+        "sampler_source": "REG's Euler–Maruyama SDE with the joint class token" if args.mode == "sde" else
+                          "this project's ODE with the joint class token (REG ships only the SDE)",
+    }
 
 
 class _RankProgress:
@@ -149,6 +170,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--num-steps must be positive, got {args.num_steps}")
     if args.cfg_scale < 1.0:
         raise ValueError(f"--cfg-scale must be ≥ 1 (1 = no guidance), got {args.cfg_scale}")
+    if args.cls_cfg_scale < 0:
+        raise ValueError(f"--cls-cfg-scale must be ≥ 0 (0 = the class token's conditional output), got "
+                         f"{args.cls_cfg_scale}")
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
 
@@ -184,6 +208,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
                                       guidance_low=args.guidance_low, guidance_high=args.guidance_high,
                                       path_type=path_type, compile=args.compile)
+        if model.cls_token_dim is not None:  # REG: the class token's starting noise, after the labels
+            kwargs["cls_latents"] = torch.randn(n, model.cls_token_dim, generator=generator, device=env.device)
+            kwargs["cls_cfg_scale"] = args.cls_cfg_scale
         if args.mode == "sde":
             kwargs["generator"] = generator
         with autocast_context(args.precision, env.device):
@@ -220,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sampler": {"mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun and args.mode == "ode"),
                         "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low,
                         "guidance_high": args.guidance_high, "path_type": path_type},
+            "reg": _reg_protocol(args, model.cls_token_dim) if model.cls_token_dim is not None else None,
             "vae": {"spec": vae, "description": codec.description},
             "num_samples": args.num_samples,
             "image_shape": list(all_images.shape[1:]),

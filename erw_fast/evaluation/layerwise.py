@@ -26,14 +26,19 @@ def sit_layer_features(
     *,
     path_type: str = "linear",
     batch_size: int = 64,
+    cls_token: torch.Tensor | None = None,
+    cls_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(depth, N, hidden) float64: token-mean hidden state after each block at time ``t`` (not normalised).
 
     One pass through the blocks per batch collects every depth (``model.hidden_after`` would redo the prefix
-    for each depth).
+    for each depth). A class-token model (REG) takes the teacher's clean CLS ``cls_token`` (N, Dc) and its noise,
+    interpolated at the same t; the mean runs over the patch tokens only.
     """
     if x0.shape != noise.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    if getattr(model, "cls_token_dim", None) is not None and (cls_token is None or cls_noise is None):
+        raise ValueError("this SiT has a class token (REG): pass cls_token= (the teacher's CLS) and cls_noise=")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     interpolant = Interpolant(path_type)
@@ -43,10 +48,14 @@ def sit_layer_features(
         xb, nb = x0[sl].to(device, dtype), noise[sl].to(device, dtype)
         tb = torch.full((len(xb),), t, device=device, dtype=dtype)
         x_t, _ = interpolant.interpolate(xb, nb, tb)
-        h, c = model.embed(x_t, tb, y[sl].to(device))
+        cls_t = None
+        if cls_token is not None:
+            cls_t, _ = interpolant.interpolate(cls_token[sl].to(device, dtype), cls_noise[sl].to(device, dtype), tb)
+        h, c = model.embed(x_t, tb, y[sl].to(device), cls_token=cls_t)
+        prefix = getattr(model, "num_prefix_tokens", 0)
         for depth, block in enumerate(model.blocks):
             h = block(h, c, model.feat_rope)
-            out[depth, sl] = h.mean(dim=1).to(torch.float64).cpu()
+            out[depth, sl] = h[:, prefix:].mean(dim=1).to(torch.float64).cpu()
     return out
 
 
