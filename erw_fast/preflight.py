@@ -188,6 +188,9 @@ def _data(c: Config) -> None:
          "rerun erw-prepare with --flip-moments, or set data.flip=false"),
         ("data.features", d.features and man.features is None, f"true, but {root} has no precomputed features",
          "set data.features=false"),
+        ("data.features", d.features and c.run.class_token and man.features is not None
+         and not man.features.get("cls_token"), f"true, but {root}'s features hold no CLS token (run.mode="
+         f"{c.run.mode} needs it)", "rerun erw-prepare with --encoder-cls-token, or set data.features=false"),
         ("train.global_batch_size", man.num_samples < global_batch,
          f"{global_batch} is more than the {man.num_samples} samples of {root}", "use a smaller global batch"),
     ]

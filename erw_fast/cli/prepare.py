@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or local directory")
     p.add_argument("--flip-moments", action="store_true", help="also store moments of the flipped image")
     p.add_argument("--encoder", help="also store this teacher's features (e.g. dinov2-vit-b)")
+    p.add_argument("--encoder-cls-token", action="store_true",
+                   help="store --encoder's CLS token before its patch tokens (REG: run.mode reg / erw_reg)")
     p.add_argument("--encoder-weights", help="local weights for --encoder")
     p.add_argument("--encoder-random", action="store_true", help="random encoder weights (testing only)")
     p.add_argument("--batch-size", type=int, default=32, help="VAE / encoder batch")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = PrepareOptions(
         image_size=args.image_size, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, png_compress_level=args.png_compress_level, vae=args.vae,
-        flip_moments=args.flip_moments, encoder=args.encoder, encoder_weights=args.encoder_weights,
+        flip_moments=args.flip_moments, encoder=args.encoder, encoder_cls_token=args.encoder_cls_token,
+        encoder_weights=args.encoder_weights,
         encoder_pretrained=not args.encoder_random, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, rank=args.rank, world_size=args.world_size, max_shards=args.max_shards,
         verify_existing=args.verify_existing, progress=not args.no_progress,

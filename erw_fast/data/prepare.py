@@ -149,6 +149,7 @@ class PrepareOptions:
     vae: str = DEFAULT_VAE  # hub name or local directory (recorded in the manifest)
     flip_moments: bool = False  # also store the moments of the horizontally flipped image
     encoder: str | None = None  # precompute this teacher's features (erw_fast.encoders name)
+    encoder_cls_token: bool = False  # store its CLS token first, then the patch tokens (REG's target and class token)
     encoder_weights: str | None = None
     encoder_pretrained: bool = True
     batch_size: int = 32  # VAE / encoder batch
@@ -170,6 +171,7 @@ class PrepareOptions:
             "vae": self.vae,
             "flip_moments": self.flip_moments,
             "encoder": self.encoder,
+            **({"encoder_cls_token": True} if self.encoder_cls_token else {}),
         }
 
     def image_encoding(self) -> dict[str, Any]:
@@ -426,6 +428,8 @@ def _write_shards(
                                weights_path=opts.encoder_weights, device=device)
     if encoder is not None and not opts.encoder:
         raise ValueError("an encoder module was given without opts.encoder (its name goes into the manifest)")
+    if opts.encoder_cls_token and not opts.encoder:
+        raise ValueError("encoder_cls_token (--encoder-cls-token) needs an encoder (--encoder)")
     info = vae_info(vae, opts.vae)
     n, per = len(listing), opts.samples_per_shard
     loader = torch.utils.data.DataLoader(
@@ -456,7 +460,9 @@ def _write_shards(
             feats16 = None
             if encoder is not None:
                 with torch.no_grad():
-                    feats16 = encoder(images.to(device)).to(torch.float16).cpu().numpy()
+                    feats = encoder(images.to(device), with_cls=True) if opts.encoder_cls_token else \
+                        encoder(images.to(device))
+                    feats16 = feats.to(torch.float16).cpu().numpy()
             for j, i in enumerate(indices):
                 members = [(MEMBER_LABEL, str(listing.labels[i]).encode()), (MEMBER_MOMENTS, npy_bytes(moments16[j]))]
                 if flipped16 is not None:
@@ -483,7 +489,8 @@ def _write_shards(
                     "moments_shape": list(moments16.shape[1:]),
                     "vae": {**info, "latent_size": int(moments16.shape[-1])},
                     "features": (
-                        {"encoder": opts.encoder, "shape": list(feats16.shape[1:]), "dtype": "float16"}
+                        {"encoder": opts.encoder, "shape": list(feats16.shape[1:]), "dtype": "float16",
+                         **({"cls_token": True} if opts.encoder_cls_token else {})}
                         if feats16 is not None else None
                     ),
                 }
