@@ -61,7 +61,8 @@ def reconstruct_paper(batch: int = F.PAPER_BATCH) -> dict[str, Any]:
 
 def _cost_rows(work: Workload, batch: int) -> tuple[dict[str, F.FlopBreakdown], dict[str, float]]:
     phases = {"warmup": work.step_breakdown("warmup", batch), "full": work.step_breakdown("full", batch),
-              "repa": work.step_breakdown("repa", batch), "sit": work.step_breakdown("sit", batch)}
+              "repa": work.step_breakdown("repa", batch), "sit": work.step_breakdown("sit", batch),
+              "reg": work.step_breakdown("reg", batch)}
     per_step = {k: v.training() for k, v in phases.items()}
     return phases, per_step
 
@@ -98,6 +99,7 @@ def cost_analysis(work: Workload, batch: int, splits: Sequence[F.BudgetSplit] = 
             for k, v in per_step.items()
         },
         "warmup_over_full": per_step["warmup"] / per_step["full"],
+        "reg_over_repa": per_step["reg"] / per_step["repa"],
         "dit_gmacs_per_image": F.sit_flops(work.model, phase="sit", **work.overrides()).dit_gflops(),
         "splits": rows,
         "paper": None,
@@ -181,14 +183,16 @@ def render_cost_markdown(res: dict[str, Any]) -> str:
     if paper:
         header += ["paper", "delta"]
     rows = []
-    for k in ("warmup", "full", "repa", "sit"):
+    for k in ("warmup", "full", "repa", "sit", "reg"):
         row = [k, _gflop(per[k]["gflops"]), _gflop(per[k]["gflops_with_elementwise"]),
                _gflop(per[k]["forward_gflops"])]
         if paper:
             ref = paper["gflops_per_step"].get(k)
             row += [f"{ref:,.0f}" if ref else "-", _pct(paper["delta"][k]) if ref else "-"]
         rows.append(row)
-    out += [_md_table(header, rows), "", f"warmup / full = {res['warmup_over_full']:.3f}", ""]
+    out += [_md_table(header, rows), "", f"warmup / full = {res['warmup_over_full']:.3f}",
+            f"REG (REPA + the class token: one more token in every block, its embedder and head, 1 + N tokens "
+            f"aligned) / REPA = {res['reg_over_repa']:.4f} ({_pct(res['reg_over_repa'] - 1)})", ""]
     groups = list(per["full"]["groups_gflops"])
     out += ["## Where the FLOPs go (training GFLOPs per step)", "",
             _md_table(["phase", *groups],

@@ -27,7 +27,7 @@ from erw_fast.bench.gpu_monitor import GpuMonitor, gpu_telemetry_unavailable
 from erw_fast.config import Config, load_config
 
 REGIONS = ("data", "encoder", "forward", "backward", "optimizer", "ema")
-MODES = {"warmup": "erw", "full": "erw", "repa": "repa", "sit": "sit"}  # the run.mode each phase belongs to
+MODES = {"warmup": "erw", "full": "erw", "repa": "repa", "sit": "sit", "reg": "reg"}  # each phase's run.mode
 
 
 class RegionTimer:
@@ -183,19 +183,27 @@ def _reference_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -
 
 def _reference_loss(
     model: torch.nn.Module, phase: str, latents: torch.Tensor, labels: torch.Tensor,
-    feats: list[torch.Tensor] | None, interpolant: Any, weight: float,
+    feats: list[torch.Tensor] | None, interpolant: Any, weight: float, cls_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The reference's loss computation: per-sample loop for the projection loss, MSE in the autocast dtype."""
+    """The reference's loss computation: per-sample loop for the projection loss, MSE in the autocast dtype; REG
+    ("reg") noises the teacher's CLS (feats[0]'s token 0) right after the latent and adds its velocity MSE."""
     if phase == "warmup":
         zs = model(latents, torch.zeros(latents.shape[0], device=latents.device), labels)
         return _reference_cosine_loop(zs, feats)
     t = torch.rand(latents.shape[0], device=latents.device)
     noise = torch.randn_like(latents)
     x_t, target = interpolant.interpolate(latents, noise, t)
-    out, zs = model(x_t, t, labels)
+    if phase == "reg":
+        cls = feats[0][:, 0]
+        cls_t, cls_target = interpolant.interpolate(cls, torch.randn_like(cls), t)
+        out, zs, cls_out = model(x_t, t, labels, cls_token=cls_t)
+    else:
+        out, zs = model(x_t, t, labels)
     loss = ((out - target) ** 2).mean(dim=(1, 2, 3)).mean()
     if feats is not None:
         loss = loss + weight * _reference_cosine_loop(zs, feats)
+    if phase == "reg":
+        loss = loss + cls_weight * ((cls_out - cls_target) ** 2).mean(dim=-1).mean()
     return loss
 
 
@@ -266,10 +274,12 @@ def reference_step(config: Config, phase_name: str, teacher: Any, device: torch.
         mark("data")
         batch = copy_batch()  # the reference copies in the step
         mark("encoder")
-        feats = [enc(batch["images"].float()) for enc in teacher.encoders] if phase.aligns else None
+        feats = [enc(batch["images"].float(), with_cls=phase.class_token) for enc in teacher.encoders] \
+            if phase.aligns else None
         mark("forward")
         with autocast_context("fp16", device):
-            loss = _reference_loss(model, phase_name, batch["latents"], batch["labels"], feats, interpolant, weight)
+            loss = _reference_loss(model, phase_name, batch["latents"], batch["labels"], feats, interpolant, weight,
+                                   config.reg.cls_weight)
         mark("backward")
         scaler.scale(loss).backward()
         mark("optimizer")
