@@ -116,3 +116,8 @@ def test_torch_compile_fullgraph():
     cosine_alignment_triton(proj, target).backward()
     assert_close(grads[0], proj.grad, 1e-6, "d proj")
     assert_close(grads[1], target.grad, 1e-6, "d target")
+
+
+def test_reg_token_count():
+    """REG aligns 1 + 256 tokens (the teacher's CLS, then 16 x 16 patches): T = 257 is a multiple of no tile."""
+    check_against_reference((2, 257, 40), torch.float32, seed=257)

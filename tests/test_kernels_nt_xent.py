@@ -607,3 +607,10 @@ def test_key_set_torch_compile_fullgraph():
     (grad_eager,) = torch.autograd.grad(eager, proj)
     assert_close(loss, eager, 1e-6, "loss")
     assert_close(grad, grad_eager, 1e-6, "d proj")
+
+
+@pytest.mark.parametrize("negatives", ["batch", pytest.param("position", marks=pytest.mark.slow)])
+def test_reg_token_count(negatives):
+    """REG aligns 1 + 256 tokens (the teacher's CLS, then 16 x 16 patches): T = 257 is a multiple of no tile, so
+    the last query and key blocks of every image are ragged."""
+    check_against_reference((2, 257, 24), torch.float32, 0.1, negatives, False, seed=257)
