@@ -325,6 +325,18 @@ def test_erw_sample_records_every_reg_setting(reg_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_erw_analyze_feeds_the_teachers_cls_to_a_reg_model(reg_run, tmp_path):
+    from erw_fast.cli import analyze
+
+    ckpt = reg_run.run_dir / "reference" / "0000014.pt"
+    assert analyze.main(["--ckpt", str(ckpt), "--out-dir", str(tmp_path), "--num-samples", "16", "--topk", "5",
+                         "--t", "0.0", "0.5"]) == 0
+    results = json.loads((tmp_path / "cknna.json").read_text())
+    assert "REG" in results["features"] and results["depths"] == [1, 2, 3, 4]
+    assert all(len(v) == 4 and all(math.isfinite(x) for x in v) for v in results["cknna"]["demo-vit-t"].values())
+
+
+@pytest.mark.slow
 def test_monitors_run_on_a_reg_model(tmp_path):
     config = tiny_config(tmp_path, "watched", *REG, "train.total_steps=4", "logging.sample_every=4",
                          "logging.cknna_every=4", "logging.sample_steps=3", "logging.sample_count=4",

@@ -127,19 +127,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chunks = [encoder(images[s : s + args.batch_size].to(device)).float().mean(dim=1).cpu()
                   for s in range(0, len(images), args.batch_size)]
         enc_feats[encoder.name] = torch.cat(chunks)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed))
+    generator = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(latents.shape, generator=generator)
+    reg: dict[str, Any] = {}
+    if loaded.model.cls_token_dim is not None:  # REG: the first encoder's CLS, noised at t, is the class token
+        cls = torch.cat([encoders[0](images[s : s + args.batch_size].to(device), with_cls=True)[:, 0].float().cpu()
+                         for s in range(0, len(images), args.batch_size)])
+        reg = {"cls_token": cls, "cls_noise": torch.randn(cls.shape, generator=generator)}
     results: dict[str, Any] = {
         "checkpoint": str(loaded.checkpoint), "checkpoint_step": loaded.step, "weights": loaded.weights,
         "num_samples": len(images), "topk": args.topk, "t": args.t, "path_type": loaded.path_type,
         "held_out": args.images or f"demo dataset, seed run.seed + {HELD_OUT_SEED_OFFSET}",
-        "features": "token-mean hidden state after each block, L2-normalised; encoder: token-mean patch tokens",
+        "features": "token-mean hidden state after each block, L2-normalised; encoder: token-mean patch tokens"
+                    + ("; REG: the class token is the first encoder's CLS noised at t, left out of the mean"
+                       if reg else ""),
         "depths": list(range(1, len(loaded.model.blocks) + 1)),
         "alignment_depth": loaded.kwargs.get("encoder_depth"),
         "cknna": {name: {} for name in enc_feats},
     }
     for t in args.t:
         layers = sit_layer_features(loaded.model, latents, labels, t, noise, path_type=loaded.path_type,
-                                    batch_size=args.batch_size)
+                                    batch_size=args.batch_size, **reg)
         for name, feats in enc_feats.items():
             results["cknna"][name][str(t)] = layerwise_cknna(layers, feats, args.topk)
     out_dir = Path(args.out_dir)
