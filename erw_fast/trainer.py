@@ -42,7 +42,7 @@ from erw_fast.phases import Phase, plan_phases
 from erw_fast.reporting import progress_bar
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
 from erw_fast.step import BatchPlan, TrainStep
-from erw_fast.stop_signals import StopSignals
+from erw_fast.stop_signals import LauncherWatch, StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,7 +78,7 @@ class Trainer:
         self.stats: dict[str, PhaseStats] = {}
         self.nonfinite_in_a_row = 0
         self.stop_exit_code = 0
-        self._stop_signals = StopSignals(c.checkpoint.stop_signals)
+        self._stop_signals = StopSignals(c.checkpoint.stop_signals, LauncherWatch())  # and the launcher's death
         self._saved_step: int | None = None  # the step of the last checkpoint written by this process
         self.engine: Engine | None = None  # built per phase
         self.engine_build_s = 0.0
@@ -271,7 +271,7 @@ class Trainer:
                 if self._saved_step != step:  # e.g. a periodic checkpoint just written: the grace period is short
                     self._save(step)
                 if stop is not None:
-                    raise StopRun(f"{stop.name} received", step, self._stop_signals.exit_code)
+                    raise StopRun(self._stop_signals.reason(), step, self._stop_signals.exit_code)
                 raise StopRun(f"train.max_steps_per_run={c.train.max_steps_per_run} steps ran", step)
             t0 = time.perf_counter()
             batch = next(self.loader)

@@ -14,6 +14,8 @@ decoder (both libjpeg-turbo; tested); nvJPEG's JPEG output may differ by roundin
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 from erw_fast.data.batches import BatchAssembler
 from erw_fast.data.shards import DataError
 from erw_fast.data.train_loader import TrainLoader, finish_shard_batch
+from erw_fast.stop_signals import children_inherit_blocked, loader_worker_init
 
 
 class _Source:
@@ -29,9 +32,19 @@ class _Source:
 
     def __init__(self, assembler: BatchAssembler, start_step: int) -> None:
         self.assembler, self.start_step = assembler, start_step
+        self._owner = self._seen = os.getpid()
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
+        if self._seen != os.getpid():  # the first call in a DALI python worker (DALI has no worker init hook)
+            self._seen = os.getpid()
+            loader_worker_init()  # ignore the process group's stop signals; the trainer stops and saves
         return self.assembler.load_sample(self.start_step + info.iteration, info.idx_in_batch)
+
+
+def _worker_processes(pipe: Any) -> list[Any]:
+    """The pipeline's python worker processes (DALI internals, read defensively)."""
+    pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
+    return list(getattr(pool, "_processes", None) or [])
 
 
 def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
@@ -118,7 +131,8 @@ class DaliLoader(TrainLoader):
                     if name in node:
                         node[name] = node[name].gpu()
             pipe.set_outputs(*(node[n] for n in self.names))
-        pipe.build()
+        with children_inherit_blocked():  # the python workers are forked here
+            pipe.build()
         self._pipe = pipe
         self._closed = False
 
@@ -127,10 +141,18 @@ class DaliLoader(TrainLoader):
         moment a torch DataLoader forks, and its destructor then aborts the forked worker."""
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
+            # DALI's shutdown ends a worker that does not exit within 1 s with SIGTERM, which the workers ignore
+            # (loader_worker_init), and then waits for it: SIGKILL what is left after 10 s instead of hanging.
+            workers = _worker_processes(pipe)
+            timer = threading.Timer(10.0, lambda: [w.kill() for w in workers if w.is_alive()])
+            timer.daemon = True
+            timer.start()
             try:
                 getattr(pipe, "_shutdown", lambda: None)()
             except RuntimeError:  # a pipeline that died of an operator error may refuse a clean shutdown
                 pass
+            finally:
+                timer.cancel()
 
     def _recover(self, message: str) -> None:
         """DALI failed (a decoder error ends the pipeline): name the sample, or rebuild without it ("skip")."""

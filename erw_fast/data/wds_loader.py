@@ -25,6 +25,7 @@ import torch
 
 from erw_fast.data.batches import BatchAssembler
 from erw_fast.data.train_loader import TrainLoader, finish_shard_batch
+from erw_fast.stop_signals import children_inherit_blocked, loader_worker_init
 
 
 class _Steps(torch.utils.data.Sampler[int]):
@@ -116,6 +117,9 @@ class WebDatasetLoader(TrainLoader):
             pin_memory=pin,
             prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=False,
+            # Workers ignore the stop signals (and SIGINT) a scheduler sends the whole process group: the trainer
+            # saves and stops; a worker dying of them would fail the run first.
+            worker_init_fn=loader_worker_init,
             # Its own generator: otherwise starting the iterator draws a worker seed from the global RNG and the
             # training noise would depend on the loader kind and worker count.
             generator=torch.Generator().manual_seed(assembler.opts.seed),
@@ -130,7 +134,8 @@ class WebDatasetLoader(TrainLoader):
                     self.assembler, self.step, self.num_threads, self.num_threads * self._prefetch, self._pin
                 )
             else:
-                self._it = iter(self._loader)
+                with children_inherit_blocked():  # the workers are forked here
+                    self._it = iter(self._loader)
         batch = self.assembler.as_tensors(next(self._it))
         if batch["step"] != self.step:  # cannot happen with an in-order DataLoader; guards the resume contract
             raise RuntimeError(f"loader out of order: expected step {self.step}, got {batch['step']}")
@@ -147,4 +152,7 @@ class WebDatasetLoader(TrainLoader):
             it.close()
         elif it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()  # stop worker processes now rather than at garbage collection
+            for worker in getattr(it, "_workers", []):  # one that outlived the join: its SIGTERM is ignored
+                if worker.is_alive():
+                    worker.kill()
         self.assembler.shards.close()
