@@ -103,7 +103,8 @@ class Phase:
             form = "two passes (symmetric)" if a.symmetric else "one pass, frozen teacher"
             text += f" ({form}; {describe_tiles(device)})"
         if self.class_token:
-            text += ", REG class token (the first encoder's CLS)"
+            text += ", REG class token (the first encoder's CLS"
+            text += ", clean at t = 0: this project's extension)" if isinstance(self, WarmupPhase) else ")"
         return text
 
 
