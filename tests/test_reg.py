@@ -357,6 +357,9 @@ def test_two_ranks_of_reg_match_one_process(tmp_path, reg_run):
     assert_same_run(tmp_path / "ddp", reg_run.run_dir)
     loss_cls = [r["loss_cls"] for r in read(reg_run.run_dir)]
     assert [r["loss_cls"] for r in read(tmp_path / "ddp")] == pytest.approx(loss_cls, rel=1e-5)
+    pytest.importorskip("deepspeed")
+    launch(tmp_path, "z2", *REG, "engine.kind=deepspeed", "engine.zero_stage=2")  # the class token under ZeRO-2
+    assert_same_run(tmp_path / "z2", reg_run.run_dir)
 
 
 @pytest.mark.slow
