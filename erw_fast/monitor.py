@@ -1,18 +1,93 @@
 """Optional in-training monitors of the full model's EMA: a sample grid and per-layer CKNNA with the teacher.
 
 Both draw their noise from their own seeded generators, so turning them on never changes the training run.
+
+A monitor never ends the run. What it needs is resolved at start-up (``check_monitor_resources``, called by the
+pre-flight checks): a missing resource is one ``config error`` naming its ``logging.*`` key, before anything is
+built, instead of a crash at the first due step (after a minute of hub retries for the VAE). A monitor that still
+fails later is logged with the step and the error and switched off for the rest of the run; training goes on.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from erw_fast.config import Config
+from erw_fast.config import Config, ConfigError
+
+MONITORS = {"samples": "logging.sample_every", "cknna": "logging.cknna_every", "fid": "logging.fid_every"}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+
+
+def _hub_vae_cached(repo: str) -> bool:
+    """Whether diffusers finds ``repo``'s config and weights in the Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    if not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return False
+    weights = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in weights)
+
+
+def _fetch_hub_vae(repo: str) -> None:
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo, allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"])
+
+
+def check_monitor_resources(config: Config) -> None:
+    """Resolve what the enabled monitors need, now: the sample VAE (a hub VAE from the cache, fetched when it is
+    missing and the hub is reachable), the FID Inception weights (likewise), a teacher for CKNNA. Raises a
+    ConfigError ``<logging key>: <why> (<what to do>)``. The files and sample counts are preflight's checks."""
+    from erw_fast.codecs import SD_VAE_HUB_NAMES, resolve_codec_name
+
+    log = config.logging
+    if log.sample_every or log.fid_every:
+        name = resolve_codec_name(log.sample_vae, config.data.kind)
+        repo = SD_VAE_HUB_NAMES.get(name)
+        if repo is not None and not _hub_vae_cached(repo):
+            why = "the hub is off (HF_HUB_OFFLINE)" if _offline() else None
+            if why is None:
+                try:
+                    _fetch_hub_vae(repo)
+                except Exception as error:  # noqa: BLE001 - the hub client raises many types
+                    why = f"fetching it failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            if why is not None:
+                raise ConfigError(
+                    f"logging.sample_vae: the sample monitors decode with {repo}, which is not in the Hugging Face "
+                    f"cache and {why} (download it where there is a network: huggingface-cli download {repo}; or "
+                    "give a local diffusers VAE directory; or set logging.sample_every=0 and logging.fid_every=0)")
+    if log.fid_every and not log.fid_inception:
+        from erw_fast.evaluation.inception import FID_WEIGHTS_URL, _default_weights_path
+
+        path = _default_weights_path()
+        if not path.is_file():
+            why = "the hub is off (HF_HUB_OFFLINE)" if _offline() else None
+            if why is None:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), progress=False)
+                except Exception as error:  # noqa: BLE001 - urllib raises many types
+                    why = f"downloading it failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            if why is not None:
+                raise ConfigError(
+                    f"logging.fid_inception: unset, so the FID monitor reads the Inception weights from {path}, "
+                    f"which does not exist and {why} (download {FID_WEIGHTS_URL} and set logging.fid_inception to "
+                    "the file, or set logging.fid_every=0)")
+    if log.cknna_every and config.run.mode == "sit" and not config.data.features:
+        raise ConfigError("logging.cknna_every: CKNNA compares the model with the teacher, and run.mode=sit has "
+                          "none (set logging.cknna_every=0, or use a mode with a teacher)")
 
 
 class TrainingMonitor:
@@ -25,24 +100,38 @@ class TrainingMonitor:
         self._batch: dict[str, torch.Tensor] | None = None
         self._codec = None
         self._fid_state = None  # (Inception extractor, real-image statistics), built on first use
+        self.failed: dict[str, str] = {}  # monitor → why it was switched off
 
     def due(self, step: int) -> bool:
         log = self.config.logging
         return any(every > 0 and step % every == 0 for every in (log.sample_every, log.cknna_every, log.fid_every))
 
-    def __call__(self, step: int, ema_model: nn.Module, encoders: list[nn.Module]) -> dict:
+    def __call__(self, step: int, ema_model: nn.Module, encoders: list[nn.Module],
+                 log_line: Callable[[str], None] = print) -> dict:
+        """The monitors due at ``step``. One that raises is logged and switched off; the run goes on. (``due``
+        does not change with that: every rank still takes part in the EMA gather at the monitors' steps.)"""
         log = self.config.logging
         out: dict = {}
-        if log.sample_every > 0 and step % log.sample_every == 0:
-            out["samples"] = str(self._sample_grid(step, ema_model))
-        if log.cknna_every > 0 and step % log.cknna_every == 0 and encoders:
-            out["cknna"] = self._cknna(ema_model, encoders)
-            with (self.run_dir / "monitor.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, "cknna_t": log.cknna_t, "cknna": out["cknna"]}) + "\n")
-        if log.fid_every > 0 and step % log.fid_every == 0:
-            out["fid"] = self._fid(ema_model)
-            with (self.run_dir / "monitor.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, "fid": out["fid"], "fid_samples": log.fid_samples}) + "\n")
+        jobs = (
+            ("samples", log.sample_every, True, lambda: str(self._sample_grid(step, ema_model))),
+            ("cknna", log.cknna_every, bool(encoders), lambda: self._cknna(ema_model, encoders)),
+            ("fid", log.fid_every, True, lambda: self._fid(ema_model)),
+        )
+        for name, every, possible, run in jobs:
+            if every <= 0 or step % every or not possible or name in self.failed:
+                continue
+            try:
+                out[name] = run()
+                if name != "samples":
+                    extra = {"cknna_t": log.cknna_t} if name == "cknna" else {"fid_samples": log.fid_samples}
+                    with (self.run_dir / "monitor.jsonl").open("a") as f:
+                        f.write(json.dumps({"step": step, **extra, name: out[name]}) + "\n")
+            except Exception as error:  # noqa: BLE001 - a monitor's failure must never end the run
+                where = traceback.extract_tb(error.__traceback__)[-1]
+                self.failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                log_line(f"monitor {name} ({MONITORS[name]}) failed at step {step} and is off for the rest of "
+                         f"the run: {self.failed[name]} ({Path(where.filename).name}:{where.lineno}); training "
+                         "goes on")
         return out
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from pathlib import Path, PurePath
 import torch
 
 from erw_fast.config import Config, ConfigError
+from erw_fast.monitor import check_monitor_resources
 
 __all__ = ["preflight", "problems"]
 
@@ -286,7 +287,7 @@ def _checkpoint_paths(c: Config) -> None:
 
 CHECKS: tuple[Callable[[Config], object], ...] = (
     _run_dir, _device, _batch, _packages, _alignment_backend, _data, _encoders, _monitors, _deepspeed_json,
-    _checkpoint_paths,
+    _checkpoint_paths, check_monitor_resources,
 )
 
 
