@@ -3,6 +3,9 @@ resumes from it, and the reference-layout export of a finished run. File handlin
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from erw_fast.atomic import TMP_PREFIX, fsync_dir
 from erw_fast.checkpoint import (
     CHECKPOINT_SUBDIR,
     capture_rng_state,
@@ -52,10 +56,8 @@ class RunState:
     data: dict[str, Any]  # the loader's position (plain data)
 
 
-def _rng_states(env: DistEnv) -> list[dict[str, Any]]:
-    """Every rank's RNG state (index = rank). The step's noise does not come from these streams (see
-    erw_fast.randomness); they are kept for anything else that draws from the global generators."""
-    own = capture_rng_state()
+def _per_rank(env: DistEnv, own: Any) -> list[Any]:
+    """``own`` of every rank (index = rank), gathered at checkpoint time."""
     if env.world_size == 1:
         return [own]
     gathered: list[Any] = [None] * env.world_size
@@ -67,7 +69,10 @@ def save_training_checkpoint(run: RunState, engine: Engine, config: Config, env:
                              tag: str | None = None) -> Path | None:
     """Every rank takes part (RNG gather, the engine's own files); rank 0 writes the state file, which is what
     marks the checkpoint complete. Returns its path on rank 0."""
-    rng = _rng_states(env)
+    # Every rank's RNG state (the step's noise does not come from these streams, see erw_fast.randomness; they are
+    # kept for anything else drawing from the global generators) and its count of replaced unreadable samples.
+    rng, skipped = zip(*_per_rank(env, (capture_rng_state(), int(run.data.get("skipped", 0)))), strict=True)
+    data = {**run.data, "skipped": sum(skipped), "skipped_per_rank": list(skipped)}
     run_dir = config.run_dir
     engine_state = engine.checkpoint_state(run_dir / CHECKPOINT_SUBDIR, checkpoint_name(run.step, tag))
     if env.world_size > 1:
@@ -75,7 +80,7 @@ def save_training_checkpoint(run: RunState, engine: Engine, config: Config, env:
     path = None
     if env.is_main:
         state = {
-            "step": run.step, "phase": run.phase, **engine_state, "rng": rng, "data": run.data,
+            "step": run.step, "phase": run.phase, **engine_state, "rng": list(rng), "data": data,
             "nonfinite_in_a_row": run.nonfinite_in_a_row,
             "stats": {k: {f: v for f, v in asdict(s).items() if f != "name"} for k, s in run.stats.items()},
             "config": config.to_dict(), "world_size": env.world_size,
@@ -110,6 +115,15 @@ def restore_run_state(state: dict[str, Any], env: DistEnv, config: Config,
         log(f"resume: checkpoint written with {len(rng)} rank(s), running with {env.world_size}")
     stats = {name: PhaseStats(name, **s) for name, s in state["stats"].items()}
     return RunState(int(state["step"]), state["phase"], stats, int(state["nonfinite_in_a_row"]), state["data"])
+
+
+def restored_skip_count(data: dict[str, Any], env: DistEnv) -> int:
+    """This rank's count of replaced unreadable samples at the checkpoint (on another world size rank 0 carries
+    the total), so the counter goes on across resumes."""
+    per_rank = data.get("skipped_per_rank")
+    if per_rank is not None and len(per_rank) == env.world_size:
+        return int(per_rank[env.rank])
+    return int(data.get("skipped", 0)) if env.rank == 0 else 0
 
 
 def reference_start(path: str | Path, phases: Sequence[Phase],
@@ -147,9 +161,49 @@ def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dic
             **reg}
 
 
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def export_consolidated(model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
                         args: dict[str, Any], step: int, out_dir: Path) -> list[Path]:
-    """``{step}.pt`` = {model, ema, args, steps} (the reference layout) and the same weights as safetensors."""
-    path = export_reference_checkpoint(model_state, ema_state, args, step, out_dir)
-    return [path, export_safetensors(model_state, path.with_suffix(".model.safetensors")),
-            export_safetensors(ema_state, path.with_suffix(".ema.safetensors"))]
+    """``{step}.pt`` = {model, ema, args, steps} (the reference layout) and the same weights as safetensors.
+
+    All or nothing: the three files are written into a hidden temp directory beside them, then renamed into
+    place, the ``.pt`` last; a failure on the way (a full disk) removes the temp directory and leaves no file of
+    this export (an earlier export of the same step stays whole until the renames)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{TMP_PREFIX}export-*"):  # a killed export's (its pid is in the name)
+        if not _pid_alive(stale.name.split("-")[3]):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}export-{step:07d}-{os.getpid()}-", dir=out_dir))
+    try:
+        pt = export_reference_checkpoint(model_state, ema_state, args, step, scratch)
+        written = [export_safetensors(model_state, pt.with_suffix(".model.safetensors")),
+                   export_safetensors(ema_state, pt.with_suffix(".ema.safetensors")), pt]
+        for path in written:  # renames within one directory: nothing more is written
+            os.replace(path, out_dir / path.name)
+        fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    final = out_dir / f"{step:07d}.pt"
+    return [final, final.with_suffix(".model.safetensors"), final.with_suffix(".ema.safetensors")]
+
+
+def export_final(engine: Engine, config: Config, env: DistEnv, z_dims: Sequence[int], phase: str,
+                 step: int) -> list[Path]:
+    """The run's final reference-layout export (every rank takes part in the gather under ZeRO; rank 0 writes it,
+    all or nothing). Returns the paths on rank 0."""
+    model_state = engine.full_model_state(everywhere=False)
+    ema_state = engine.full_ema_state(everywhere=False)
+    if not env.is_main:
+        return []
+    args = reference_args(config, z_dims, phase)
+    return export_consolidated(model_state, ema_state, args, step, config.run_dir / "reference")

@@ -197,8 +197,9 @@ def phase_summary_table(rows: list[dict]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in body), rule, line(total)])
 
 
-def report_run(config: Any, stats: Any, world_size: int) -> list[str]:
-    """The end-of-run summary: the per-phase table, skipped steps, and the loss-curve plot (logging.plot)."""
+def report_run(config: Any, stats: Any, world_size: int, plot: bool = True) -> list[str]:
+    """The end-of-run summary: the per-phase table (rows in the order given: the phases'), skipped steps, and the
+    loss-curve plot (logging.plot, unless ``plot`` is off)."""
     from erw_fast.flops import gflops_per_step
 
     stats = list(stats)
@@ -209,7 +210,7 @@ def report_run(config: Any, stats: Any, world_size: int) -> list[str]:
     skipped = sum(s.skipped for s in stats)
     if skipped:
         lines.append(f"non-finite steps skipped: {skipped}")
-    if config.logging.plot:
+    if config.logging.plot and plot:
         png = plot_loss_curves(read_metrics(config.run_dir / "metrics.jsonl"), config.run_dir / "loss_curves.png",
                                title=f"{config.run.name}: {config.model.name} ({config.run.mode})")
         lines.append(f"loss curves: {png}")

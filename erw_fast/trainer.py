@@ -19,14 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from erw_fast.checkpoint import load_checkpoint
 from erw_fast.checkpoint_state import (
     PhaseStats,
     RunState,
-    export_consolidated,
-    reference_args,
+    export_final,
     reference_start,
     restore_run_state,
+    restored_skip_count,
     resume_source,
     save_training_checkpoint,
 )
@@ -39,14 +38,20 @@ from erw_fast.models import describe_attention_backend
 from erw_fast.monitor import TrainingMonitor
 from erw_fast.objectives import resolve_alignment_backend
 from erw_fast.phases import Phase, plan_phases
-from erw_fast.reporting import progress_bar
+from erw_fast.reporting import progress_bar, report_run
+from erw_fast.resume_checks import apply_optimizer_settings, branch_from, finished_run, load_resume_state
+from erw_fast.run_lock import run_dir_lock
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
 from erw_fast.step import BatchPlan, TrainStep
 from erw_fast.stop_signals import LauncherWatch, StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    @classmethod
+    def at(cls, step: int, streak: int, last: dict[str, float], limit: int, run_dir: Any) -> NonFiniteLossError:
+        return cls(f"step {step}: {streak} non-finite steps in a row (last loss {last.get('loss')}, grad norm "
+                   f"{last.get('grad_norm')}); aborting as configured by train.max_nonfinite_steps={limit}. The last "
+                   f"good checkpoint is in {run_dir / 'checkpoints'}")
 
 
 class StopRun(Exception):  # noqa: N818 (control flow, not an error)
@@ -86,6 +91,7 @@ class Trainer:
         self.loader: Any = None  # built in run(), at the resume step
         self.monitor: TrainingMonitor | None = None
         self._steps_left: int | None = None  # train.max_steps_per_run, counted down
+        self._skips_at_resume = 0  # this rank's replaced unreadable samples before this invocation
 
     def log(self, message: str) -> None:
         if self.env.is_main:
@@ -153,10 +159,7 @@ class Trainer:
         limit = self.config.train.max_nonfinite_steps
         if streak >= limit:
             last = {k: float(self.train_step.last[k]) for k in ("loss", "grad_norm") if k in self.train_step.last}
-            raise NonFiniteLossError(
-                f"step {step}: {streak} non-finite steps in a row (last loss {last.get('loss')}, grad norm "
-                f"{last.get('grad_norm')}); aborting as configured by train.max_nonfinite_steps={limit}. The last "
-                f"good checkpoint is in {self.run_dir / 'checkpoints'}")
+            raise NonFiniteLossError.at(step, streak, last, limit, self.run_dir)
 
     def _save(self, step: int, tag: str | None = None) -> None:
         self._check_nonfinite(step)
@@ -167,18 +170,16 @@ class Trainer:
         if tag is None:  # a tagged one (the Phase-1 export) is not the resume point of this step
             self._saved_step = step
 
-    def _restore(self, source: Any) -> int:
-        from erw_fast.engines.deepspeed_engine import check_resumable
-
-        state = load_checkpoint(source, map_location=self.device)
-        check_resumable(state, self.engine_kind, source)
+    def _restore(self, source: Any, state: dict[str, Any], honoured: list[str]) -> int:
         phase = next(p for p in self.phases if p.name == state["phase"])
         self._enter_phase(phase, self._new_model(phase), resume_info=state.get("engine"))
         self.engine.load_checkpoint_state(state, source.parent)
+        apply_optimizer_settings(self.engine, self.config, honoured)  # e.g. a new optim.lr, over the restored one
         run = restore_run_state(state, self.env, self.config, self.log)
         self.stats.update(run.stats)
-        self.nonfinite_in_a_row = run.nonfinite_in_a_row
+        self.nonfinite_in_a_row, self._saved_step = run.nonfinite_in_a_row, run.step  # its checkpoint exists
         self.train_step.skips.streak.fill_(run.nonfinite_in_a_row)
+        self._skips_at_resume = restored_skip_count(run.data, self.env)
         self.log(f"resumed from {source} at step {run.step} (phase {phase.name})")
         return run.step
 
@@ -196,12 +197,23 @@ class Trainer:
     # --------------------------------------------------------------------------------------- the run
 
     def run(self) -> dict[str, PhaseStats]:
+        """The run, holding its directory (rank 0 locks it; a second trainer on it is refused)."""
+        with run_dir_lock(self.run_dir, self.env.rank, self.env.world_size, self.log):
+            return self._run()
+
+    def _run(self) -> dict[str, PhaseStats]:
         c = self.config
         torch.manual_seed(c.run.seed + self.env.rank)
         set_tf32(c.train.tf32)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        source = resume_source(c)
+        if (done := finished_run(c, source, self.phases, self.env.world_size, self.log)) is not None:
+            self.stats.update(done)  # complete: said so, nothing rewritten (checkpoint.reexport to export again)
+            return self.stats
+        # Checked before anything is written: a refused resume leaves the run as it was.
+        state, honoured = load_resume_state(source, c, self.engine_kind, self.device, self.log)
         if self.env.is_main:
-            dump_config(c, self.run_dir / "config.yaml")
+            branch_from(c, source, self.log)  # a rollback (or over): newer checkpoints moved aside, kept
+            dump_config(c, self.run_dir / "config.yaml")  # atomic
             self.log("resolved config:\n" + (self.run_dir / "config.yaml").read_text())
         b = self.batch
         self.log(f"batch: global {b.global_batch} = {self.env.world_size} device(s) × {b.local_batch} per device = "
@@ -213,9 +225,9 @@ class Trainer:
 
             self.attn_backend = measured_backend_for_run(c.model.sit_kwargs(), b.micro_batch, c.train.precision,
                                                          self.device, self.env.world_size, self.log)
-        source = resume_source(c)
         if source is not None:
-            step = self._restore(source)
+            step = self._restore(source, state, honoured)
+            del state
         elif c.checkpoint.init_from_reference:
             step = self._init_from_reference(c.checkpoint.init_from_reference)
         else:
@@ -223,6 +235,7 @@ class Trainer:
             self._enter_phase(self.phases[0], self._new_model(self.phases[0]))
 
         self.loader = self._build_loader(step)
+        self.loader.restore_skip_count(self._skips_at_resume)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
                  f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
@@ -297,7 +310,7 @@ class Trainer:
             if phase.monitored and self.monitor.due(step):
                 ema_model = self.engine.ema_module()  # every rank takes part (a gather under ZeRO)
                 if self.env.is_main:  # one writer for the sample grids and monitor.jsonl
-                    result = self.monitor(step, ema_model, self.teacher.encoders)
+                    result = self.monitor(step, ema_model, self.teacher.encoders, self.log)
                     if result:
                         self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:
@@ -308,19 +321,14 @@ class Trainer:
 
     def _finish(self, step: int) -> None:
         c = self.config
-        self._save(step)
-        export = c.checkpoint.export_reference and self.phase.exported
-        if export:  # gathered from every rank under ZeRO
-            model_state = self.engine.full_model_state(everywhere=False)
-            ema_state = self.engine.full_ema_state(everywhere=False)
-        if self.env.is_main and export:
-            args = reference_args(c, self.teacher.z_dims, self.phase.name)
-            paths = export_consolidated(model_state, ema_state, args, step, self.run_dir / "reference")
+        if self._saved_step != step:  # not when the run resumed from its final checkpoint (to export it again)
+            self._save(step)
+        if c.checkpoint.export_reference and self.phase.exported:  # all or nothing; gathered under ZeRO
+            paths = export_final(self.engine, c, self.env, self.teacher.z_dims, self.phase.name, step)
             self.log(f"reference-layout export: {', '.join(str(p) for p in paths)}")
-        if self.env.is_main:
-            from erw_fast.reporting import report_run
-
-            for line in report_run(c, self.stats.values(), self.env.world_size):
+        if self.env.is_main:  # in phase order, whichever phase a resume restored first
+            for line in report_run(c, [self.stats[p.name] for p in self.phases if p.name in self.stats],
+                                   self.env.world_size):
                 self.log(line)
 
 

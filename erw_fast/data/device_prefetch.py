@@ -110,6 +110,10 @@ class DevicePrefetcher(TrainLoader):
         self.skipped = self._stager.skipped
         return batch
 
+    def restore_skip_count(self, count: int) -> None:
+        self.loader.restore_skip_count(count)
+        self.skipped = self._stager.skipped = count
+
     @property
     def stream(self) -> torch.cuda.Stream | None:
         """The side stream batches are staged on (None on a CPU device)."""

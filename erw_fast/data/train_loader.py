@@ -63,6 +63,10 @@ class TrainLoader(ABC, Iterator[dict[str, torch.Tensor]]):
         return {**self.sampler.position(step), "kind": self.kind, "seed": self.seed, "num_samples": self.num_samples,
                 "global_batch_size": self.global_batch_size, "skipped": self.skipped}
 
+    def restore_skip_count(self, count: int) -> None:
+        """Continue the count of replaced samples from a checkpoint (before the first batch)."""
+        self.skipped = count
+
     def close(self) -> None:
         """Release workers and files (idempotent)."""
 
