@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from erw_fast.data.images import IMAGE_FORMATS
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="default: $WORLD_SIZE (torchrun) or 1")
     p.add_argument("--max-shards", type=int, help="write at most this many shards, then stop (resume later)")
     p.add_argument("--verify-existing", action="store_true", help="re-hash finished shards before keeping them")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="an unreadable image stops erw-prepare (raise), or is left out and recorded in the manifest "
+                        "(skip; the training loaders never draw it)")
+    p.add_argument("--check-images", action="store_true",
+                   help="decode every image of this rank's pending shards first and list all unreadable ones, "
+                        "before the VAE is loaded or anything is written")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -66,17 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         encoder_weights=args.encoder_weights,
         encoder_pretrained=not args.encoder_random, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, rank=args.rank, world_size=args.world_size, max_shards=args.max_shards,
-        verify_existing=args.verify_existing, progress=not args.no_progress,
+        verify_existing=args.verify_existing, progress=not args.no_progress, on_error=args.on_error,
+        check_images=args.check_images,
     )
     try:
         if args.file_list:
             listing = read_file_list(args.file_list, args.root, args.num_classes)
         else:
             listing = scan_image_folder(args.source)
-        prepare(listing, args.output, opts)
-    except (DataError, ValueError, ImportError) as exc:
+        result = prepare(listing, args.output, opts)
+    except (DataError, ValueError, ImportError, OSError) as exc:  # OSError: a VAE not found, a full disk
         print(f"erw-prepare: error: {exc}", file=sys.stderr)
         return 1
+    if result.stopped:  # SIGTERM/SIGUSR1: finished shards kept; 128 + the signal, as a shell reports it
+        return 128 + int(signal.Signals[result.stopped])
     return 0
 
 

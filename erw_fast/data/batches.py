@@ -99,6 +99,8 @@ class BatchAssembler:
         self.image_format = man.image_format
         # Indices whose images passed the structural check but failed in DALI's decoder (found by diagnose()).
         self.undecodable: set[int] = set()
+        # Images erw-prepare could not read (manifest.skipped): never drawn, whatever on_error says, and not counted.
+        self.left_out = {int(s["index"]) for s in man.skipped}
         self.raw_images = man.image_format == "raw"
         self.moments_shape = tuple(man.moments_shape)
         self.image_shape = (man.image_size, man.image_size, 3)
@@ -185,6 +187,8 @@ class BatchAssembler:
         """(loaded index, label, image) for the slot of ``index``, applying ``on_error``."""
         tries = 0
         for cand in self._candidates(index):
+            if cand in self.left_out:
+                continue
             try:
                 label, image = self._read(cand, flip, out, decode)
                 return cand, label, image

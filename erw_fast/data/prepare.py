@@ -7,10 +7,19 @@ explicit options), each on its own device, without talking to the others.
 
 Resume: a shard is finished once its tar and index have been renamed into place *and* its completion record
 ``shards/shard-XXXXXX.json`` (counts, size, sha256) exists; a rerun skips finished shards and rewrites the others
-(a killed run's shard ``.tmp`` files are overwritten; its hidden ``.tmp-*`` files are never read). ``plan.json``,
-written first, pins the settings and the source listing: a rerun with different ones is refused instead of mixing
-two datasets. Whichever rank finds every shard finished writes ``manifest.json`` (a rerun of any rank finalises a
-dataset whose last rank died after its last shard).
+(a killed run's shard ``.tmp`` files are overwritten; its hidden ``.tmp-*`` files are never read). ``plan.json``
+pins the settings and the source listing: a rerun with different ones is refused instead of mixing two datasets,
+unless no shard is finished yet (then the plan is replaced). It is written once the VAE (and encoder) loaded, so a
+VAE that cannot be had leaves nothing pinned. Whichever rank finds every shard finished writes ``manifest.json`` (a
+rerun of any rank finalises a dataset whose last rank died after its last shard).
+
+Unreadable images: ``on_error="raise"`` stops naming the file; ``"skip"`` keeps the sample's slot (the index space
+and the shard boundaries stay those of the listing) with a black image and NaN moments, and records it in the
+shard's completion record and the manifest's ``skipped`` list, which the training loaders never draw from.
+``check_images`` decodes this rank's pending images before anything is pinned, loaded or written, and lists every
+unreadable one at once. On SIGTERM/SIGUSR1 a rank stops at the next batch (the shard in progress is dropped,
+finished ones are kept) and reports it (``PrepareResult.stopped``; the CLI exits 128 + the signal); the image
+workers ignore those signals.
 
 VAE batches never straddle shards, so a shard's bytes do not depend on where a previous run stopped.
 """
@@ -50,6 +59,7 @@ from erw_fast.data.shards import (
     shard_name,
 )
 from erw_fast.data.vae import DEFAULT_VAE, encode_moments, load_vae, vae_info
+from erw_fast.stop_signals import StopSignals, children_inherit_blocked, loader_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +168,8 @@ class PrepareOptions:
     rank: int | None = None  # default: $RANK or 0
     world_size: int | None = None  # default: $WORLD_SIZE or 1
     max_shards: int | None = None  # stop after writing this many shards (chunked jobs); rerun to continue
+    on_error: str = "raise"  # an unreadable image stops (raise) or is left out and recorded (skip); not pinned
+    check_images: bool = False  # decode this rank's pending images first and list every unreadable one
     verify_existing: bool = False  # re-hash finished shards before trusting them
     progress: bool = True
 
@@ -189,6 +201,8 @@ class PrepareOptions:
         for name in ("samples_per_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
 
 
 @dataclass
@@ -198,35 +212,71 @@ class PrepareResult:
     written: list[str] = field(default_factory=list)  # shards written by this call
     skipped: list[str] = field(default_factory=list)  # this rank's shards found finished
     complete: bool = False  # manifest.json written (every shard finished)
+    unreadable: list[dict[str, Any]] = field(default_factory=list)  # images left out by this call (on_error skip)
+    stopped: str | None = None  # the signal this call stopped for (SIGTERM, SIGUSR1), its shard in progress dropped
 
 
 # ----------------------------------------------------------------------------------------------------- workers
 
 
 class _SourceImages(torch.utils.data.Dataset):
-    """Global index → (index, cropped HWC uint8, stored image bytes); runs in DataLoader workers."""
+    """Global index → (index, cropped HWC uint8, stored image bytes, why it is unreadable or None); runs in
+    DataLoader workers. An unreadable image raises, or (``on_error="skip"``) comes back black with its reason;
+    ``check_only`` decodes and returns only (index, None, b"", reason)."""
 
-    def __init__(self, listing: SourceListing, opts: PrepareOptions) -> None:
+    def __init__(self, listing: SourceListing, opts: PrepareOptions, check_only: bool = False) -> None:
         self.root, self.paths = listing.root, listing.paths
-        self.size, self.fmt = opts.image_size, opts.image_format
+        self.size, self.fmt, self.skip, self.check_only = opts.image_size, opts.image_format, opts.on_error, check_only
         self.encoding = {"jpeg_quality": opts.jpeg_quality, "png_compress_level": opts.png_compress_level}
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray, bytes]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, bytes, str | None]:
         path = os.path.join(self.root, self.paths[index])
         try:
             arr = center_crop_arr(load_rgb(path), self.size)
         except Exception as exc:
-            raise DataError(f"sample {index} ({path}): cannot read the image: {exc}") from exc
-        return index, arr, encode_image(arr, self.fmt, **self.encoding)
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if self.check_only:
+                return index, None, b"", why
+            if self.skip != "skip":
+                raise DataError(f"sample {index} ({path}): cannot read the image: {exc} (erw-prepare --on-error "
+                                "skip leaves unreadable images out and records them)") from exc
+            arr = np.zeros((self.size, self.size, 3), np.uint8)  # keeps the slot; its moments become NaN
+            return index, arr, encode_image(arr, self.fmt, **self.encoding), why
+        if self.check_only:
+            return index, None, b"", None
+        return index, arr, encode_image(arr, self.fmt, **self.encoding), None
 
 
-def _collate(items: list[tuple[int, np.ndarray, bytes]]) -> tuple[list[int], torch.Tensor, list[bytes]]:
-    idx = [i for i, _, _ in items]
-    images = torch.from_numpy(np.stack([a for _, a, _ in items])).permute(0, 3, 1, 2)
-    return idx, images, [b for _, _, b in items]
+def _collate(items: list[tuple[int, np.ndarray, bytes, str | None]]
+             ) -> tuple[list[int], torch.Tensor, list[bytes], list[str | None]]:
+    idx = [i for i, _, _, _ in items]
+    images = torch.from_numpy(np.stack([a for _, a, _, _ in items])).permute(0, 3, 1, 2)
+    return idx, images, [b for _, _, b, _ in items], [w for _, _, _, w in items]
+
+
+def _collate_check(items: list[tuple[int, Any, bytes, str | None]]) -> list[tuple[int, str | None]]:
+    return [(i, why) for i, _, _, why in items]
+
+
+def _image_loader(dataset: torch.utils.data.Dataset, batches: list[list[int]], opts: PrepareOptions,
+                  collate: Callable[[list[Any]], Any]) -> torch.utils.data.DataLoader:
+    """Decode workers that ignore the stop signals (the main process stops at a batch boundary)."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=opts.num_workers,
+                                       collate_fn=collate, prefetch_factor=4 if opts.num_workers else None,
+                                       worker_init_fn=loader_worker_init)
+
+
+def check_images(listing: SourceListing, opts: PrepareOptions, shards: Sequence[int]) -> list[dict[str, Any]]:
+    """Decode every image of ``shards``: the unreadable ones as ``{"index", "path", "error"}``."""
+    n, per = len(listing), opts.samples_per_shard
+    batches = list(_shard_batches(shards, n, per, max(opts.batch_size, 64)))
+    loader = _image_loader(_SourceImages(listing, opts, check_only=True), batches, opts, _collate_check)
+    with children_inherit_blocked():
+        it = iter(loader)
+    return [{"index": i, "path": listing.paths[i], "error": why} for batch in it for i, why in batch if why]
 
 
 def _shard_batches(shards: Sequence[int], n: int, per_shard: int, batch: int) -> Iterator[list[int]]:
@@ -273,24 +323,40 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+def _finished_shards(out: Path) -> list[Path]:
+    return sorted((out / SHARD_DIR).glob("shard-*.json"))
+
+
+def _check_plan(out: Path, plan: dict[str, Any]) -> str | None:
+    """None when ``plan`` may be (or is) the directory's plan; a description of the change when it replaces a
+    plan no shard was finished under. Refused (DataError) once a shard is finished under another plan."""
     path = out / PLAN_NAME
-    if path.is_file():
-        old, new = _flatten(json.loads(path.read_text())), _flatten(plan)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            raise DataError(
-                f"{out} was started with different settings or sources ("
-                + "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in diff[:4])
-                + "). Use a new output directory, or the original settings to resume."
-            )
-        return
-    atomic_write_bytes(path, (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode())
+    if not path.is_file():
+        return None
+    old, new = _flatten(json.loads(path.read_text())), _flatten(plan)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not diff:
+        return None
+    change = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in diff[:4])
+    if _finished_shards(out):
+        raise DataError(
+            f"{out} was started with different settings or sources ({change}) and {len(_finished_shards(out))} "
+            "shard(s) are finished under them. Use a new output directory, or the original settings to resume "
+            "(unreadable images: --on-error skip leaves them out without changing the plan).")
+    return change
 
 
-def _write_sources(out: Path, listing: SourceListing) -> None:
+def _pin_plan(out: Path, plan: dict[str, Any], listing: SourceListing, rank: int, replacing: bool) -> None:
+    path = out / PLAN_NAME
+    if replacing or not path.is_file():
+        atomic_write_bytes(path, (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode())
+    if rank == 0 or replacing:
+        _write_sources(out, listing, replacing)
+
+
+def _write_sources(out: Path, listing: SourceListing, replace: bool = False) -> None:
     path = out / SOURCES_NAME
-    if path.is_file():
+    if path.is_file() and not replace:
         return
     lines = [f"{sample_key(i)}\t{y}\t{p}\n" for i, (p, y) in enumerate(zip(listing.paths, listing.labels, strict=True))]
     atomic_write_bytes(path, "".join(lines).encode())
@@ -314,6 +380,7 @@ def finalize(out: str | os.PathLike[str], *, verify: bool = False) -> Manifest |
             if rec[key] != first[key]:
                 raise DataError(f"{rec['name']}: {key} {rec[key]} differs from {first['name']}'s {first[key]}")
     s = plan["settings"]
+    skipped = sorted((e for r in records for e in r.get("skipped", [])), key=lambda e: e["index"])
     manifest = Manifest(
         num_samples=n,
         num_classes=len(plan["classes"]),
@@ -329,6 +396,7 @@ def finalize(out: str | os.PathLike[str], *, verify: bool = False) -> Manifest |
         features=first["features"],
         image_encoding=s["image_encoding"],
         source=plan["source"],
+        skipped=skipped,
     )
     manifest.validate(str(out / "manifest.json"))
     manifest.save(out)
@@ -380,9 +448,7 @@ def prepare(
         "classes": listing.classes,
         "source": {"kind": listing.kind, "listing_sha256": listing.digest()},
     }
-    _check_plan(out, plan)
-    if rank == 0:
-        _write_sources(out, listing)
+    replacing = _check_plan(out, plan)  # refused here when finished shards would mix two datasets
 
     mine = [k for k in range(num_shards) if k % world == rank]
     result = PrepareResult(out, num_shards)
@@ -397,8 +463,25 @@ def prepare(
     echo(f"erw-prepare rank {rank}/{world}: {n} samples, {num_shards} shards; this rank: {len(mine)} shards, "
          f"{len(result.skipped)} already finished, {len(pending)} to write")
 
+    if pending and opts.check_images:
+        bad = check_images(listing, opts, pending)
+        echo(f"checked the images of {len(pending)} shard(s): {len(bad)} unreadable")
+        if bad and opts.on_error == "raise":
+            raise DataError(f"{len(bad)} unreadable image(s) under {listing.root}: " + "; ".join(
+                f"{b['path']} ({b['error']})" for b in bad[:10]) + ("; …" if len(bad) > 10 else "")
+                + ". Nothing was written: fix or remove them (the listing may change while no shard is finished), "
+                "or rerun with --on-error skip to leave them out (recorded in the manifest)")
+    if pending:  # loaded before the plan is pinned: a VAE that cannot be had must not pin it
+        vae, encoder = _load_models(opts, vae, encoder)
+    if replacing:
+        echo(f"replacing the plan of {out}, under which no shard was finished ({replacing})")
+    _pin_plan(out, plan, listing, rank, replacing is not None)
     if pending:
         _write_shards(listing, out, opts, pending, vae, encoder, result, echo, rank)
+        if result.stopped:
+            echo(f"erw-prepare rank {rank}: {result.stopped} received: stopped after {len(result.written)} shard(s) "
+                 "(the one in progress is dropped); rerun the same command to resume")
+            return result
     manifest = finalize(out)
     result.complete = manifest is not None
     if result.complete:
@@ -406,21 +489,11 @@ def prepare(
     return result
 
 
-def _write_shards(
-    listing: SourceListing,
-    out: Path,
-    opts: PrepareOptions,
-    pending: list[int],
-    vae: nn.Module | None,
-    encoder: nn.Module | None,
-    result: PrepareResult,
-    echo: Callable[[str], None],
-    rank: int,
-) -> None:
+def _load_models(opts: PrepareOptions, vae: nn.Module | None,
+                 encoder: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
     device = torch.device(opts.device) if opts.device else _default_device()
     if vae is None:
         vae = load_vae(opts.vae, device)
-    vae_device = next(vae.parameters()).device
     if encoder is None and opts.encoder:
         from erw_fast.encoders import load_encoder
 
@@ -430,15 +503,26 @@ def _write_shards(
         raise ValueError("an encoder module was given without opts.encoder (its name goes into the manifest)")
     if opts.encoder_cls_token and not opts.encoder:
         raise ValueError("encoder_cls_token (--encoder-cls-token) needs an encoder (--encoder)")
+    return vae, encoder
+
+
+def _write_shards(
+    listing: SourceListing,
+    out: Path,
+    opts: PrepareOptions,
+    pending: list[int],
+    vae: nn.Module,
+    encoder: nn.Module | None,
+    result: PrepareResult,
+    echo: Callable[[str], None],
+    rank: int,
+) -> None:
+    device = torch.device(opts.device) if opts.device else _default_device()
+    vae_device = next(vae.parameters()).device
     info = vae_info(vae, opts.vae)
     n, per = len(listing), opts.samples_per_shard
-    loader = torch.utils.data.DataLoader(
-        _SourceImages(listing, opts),
-        batch_sampler=list(_shard_batches(pending, n, per, opts.batch_size)),
-        num_workers=opts.num_workers,
-        collate_fn=_collate,
-        prefetch_factor=4 if opts.num_workers else None,
-    )
+    loader = _image_loader(_SourceImages(listing, opts), list(_shard_batches(pending, n, per, opts.batch_size)),
+                           opts, _collate)
     total = sum(min((k + 1) * per, n) - k * per for k in pending)
     bar = None
     if opts.progress and rank == 0:
@@ -447,13 +531,15 @@ def _write_shards(
         bar = tqdm(total=total, unit="img", desc="erw-prepare", dynamic_ncols=True, file=sys.stderr)
     writer: ShardWriter | None = None
     current = -1
+    skipped: list[dict[str, Any]] = []  # this shard's unreadable images
     t0 = time.perf_counter()
+    stops = StopSignals(["SIGTERM", "SIGUSR1"])
     try:
-        for indices, images, encoded in loader:
+        for indices, images, encoded, unreadable in _until(loader, stops):
             k = indices[0] // per
             if k != current:
                 tar, idx, _ = _paths(out, k)
-                writer, current = ShardWriter(tar, idx), k
+                writer, current, skipped = ShardWriter(tar, idx), k, []
             moments, flipped = encode_moments(vae, images.to(vae_device), flip=opts.flip_moments)
             moments16 = moments.to(torch.float16).cpu().numpy()
             flipped16 = flipped.to(torch.float16).cpu().numpy() if flipped is not None else None
@@ -463,6 +549,13 @@ def _write_shards(
                     feats = encoder(images.to(device), with_cls=True) if opts.encoder_cls_token else \
                         encoder(images.to(device))
                     feats16 = feats.to(torch.float16).cpu().numpy()
+            for j, why in enumerate(unreadable):
+                if why is not None:  # a slot no loader draws (NaN would be refused even if one did)
+                    for array in (moments16, flipped16, feats16):
+                        if array is not None:
+                            array[j] = np.nan
+                    skipped.append({"index": indices[j], "path": listing.paths[indices[j]], "error": why})
+                    echo(f"skipped unreadable image {listing.paths[indices[j]]} (sample {indices[j]}): {why}")
             for j, i in enumerate(indices):
                 members = [(MEMBER_LABEL, str(listing.labels[i]).encode()), (MEMBER_MOMENTS, npy_bytes(moments16[j]))]
                 if flipped16 is not None:
@@ -493,9 +586,11 @@ def _write_shards(
                          **({"cls_token": True} if opts.encoder_cls_token else {})}
                         if feats16 is not None else None
                     ),
+                    "skipped": skipped,
                 }
                 atomic_write_bytes(_paths(out, k)[2], (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
                 result.written.append(shard_name(k))
+                result.unreadable.extend(skipped)
                 rate = sum(min((j + 1) * per, n) - j * per for j in pending[: len(result.written)])
                 rate /= max(time.perf_counter() - t0, 1e-9)
                 msg = (f"{shard_name(k)}: {shard_info.num_samples} samples, {shard_info.bytes / 2**20:.1f} MiB, "
@@ -504,8 +599,20 @@ def _write_shards(
                     bar.write(msg)
                 else:
                     echo(msg)
+        result.stopped = stops.received.name if stops.received is not None else None
     finally:
         if writer is not None:
             writer.abort()
         if bar is not None:
             bar.close()
+
+
+def _until(loader: torch.utils.data.DataLoader, stops: StopSignals) -> Iterator[Any]:
+    """The loader's batches until a stop signal arrives (handled while this runs; looked at between batches)."""
+    with stops:
+        with children_inherit_blocked():
+            batches = iter(loader)  # the workers are forked here
+        for batch in batches:
+            if stops.received is not None:
+                return
+            yield batch

@@ -299,6 +299,9 @@ class Manifest:
     features: dict[str, Any] | None = None  # encoder, shape [N, D], dtype
     image_encoding: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    # Samples erw-prepare could not read (--on-error skip): {index, path, error}. Their slots hold a black image and
+    # NaN moments; the loaders never draw them (the next sample takes the slot, as for an unreadable one).
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     format: str = FORMAT
     version: int = VERSION
 
