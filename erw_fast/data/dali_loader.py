@@ -32,7 +32,7 @@ class _Source:
 
     def __init__(self, assembler: BatchAssembler, start_step: int) -> None:
         self.assembler, self.start_step = assembler, start_step
-        self._owner = self._seen = os.getpid()
+        self._seen = os.getpid()  # the trainer; a worker process sees another pid on its first call
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
         if self._seen != os.getpid():  # the first call in a DALI python worker (DALI has no worker init hook)
