@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from erw_fast.checkpoint_state import (
@@ -209,12 +210,8 @@ class Trainer:
         if (done := finished_run(c, source, self.phases, self.env.world_size, self.log)) is not None:
             self.stats.update(done)  # complete: said so, nothing rewritten (checkpoint.reexport to export again)
             return self.stats
-        # Checked before anything is written: a refused resume leaves the run as it was.
-        state, honoured = load_resume_state(source, c, self.engine_kind, self.device, self.log)
-        if self.env.is_main:
-            branch_from(c, source, self.log)  # a rollback (or over): newer checkpoints moved aside, kept
-            dump_config(c, self.run_dir / "config.yaml")  # atomic
-            self.log("resolved config:\n" + (self.run_dir / "config.yaml").read_text())
+        state, honoured = load_resume_state(source, c, self.engine_kind, self.device, self.log)  # or refused
+        self.log("resolved config:\n" + yaml.safe_dump(c.to_dict(), sort_keys=False))
         b = self.batch
         self.log(f"batch: global {b.global_batch} = {self.env.world_size} device(s) × {b.local_batch} per device = "
                  f"{b.micro_batch} per micro-batch × {b.accumulation} accumulation step(s); device {self.device}; "
@@ -233,6 +230,9 @@ class Trainer:
         else:
             step = 0
             self._enter_phase(self.phases[0], self._new_model(self.phases[0]))
+        if self.env.is_main:  # the resume holds (a refused one, or an engine that refuses it, changed nothing)
+            branch_from(c, source, self.log)  # a rollback (or over): newer checkpoints moved aside, kept
+            dump_config(c, self.run_dir / "config.yaml")  # atomic
 
         self.loader = self._build_loader(step)
         self.loader.restore_skip_count(self._skips_at_resume)

@@ -278,16 +278,13 @@ def test_on_a_file_system_without_locks_a_dead_holders_lock_file_is_taken_over(t
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
     held = tmp_path / "run.lock.held"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        held.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "started": 0}))
-        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid} .*remove {held}"):
-            RunLock(tmp_path).acquire()
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    alive, gone = os.getppid(), 2**22 + 7  # beyond Linux's largest pid: no such process
+    held.write_text(json.dumps({"host": socket.gethostname(), "pid": alive, "started": 0}))
+    with pytest.raises(RunLockedError, match=f"pid {alive} .*remove {held}"):
+        RunLock(tmp_path).acquire()
+    held.write_text(json.dumps({"host": socket.gethostname(), "pid": gone, "started": 0}))
     with RunLock(tmp_path) as lock:  # its holder is gone: taken over
-        assert lock.took_over["pid"] == sleeper.pid and json.loads(held.read_text())["pid"] == os.getpid()
+        assert lock.took_over["pid"] == gone and json.loads(held.read_text())["pid"] == os.getpid()
         with pytest.raises(RunLockedError, match="in use by another trainer"):
             RunLock(tmp_path).acquire()  # a second one in this process too
     assert not held.exists()
