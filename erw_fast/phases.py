@@ -103,8 +103,7 @@ class Phase:
             form = "two passes (symmetric)" if a.symmetric else "one pass, frozen teacher"
             text += f" ({form}; {describe_tiles(device)})"
         if self.class_token:
-            text += ", REG class token (the first encoder's CLS"
-            text += ", clean at t = 0: this project's extension)" if isinstance(self, WarmupPhase) else ")"
+            text += ", REG class token (the first encoder's CLS)"
         return text
 
 
@@ -146,6 +145,9 @@ class RegWarmupPhase(WarmupPhase):
     CLS); the class-token embedder is carried into Phase 2 with the rest."""
 
     class_token = True
+
+    def describe(self, device: torch.device) -> str:
+        return super().describe(device) + ", clean at t = 0 (this project's extension)"
 
 
 class DiffusionPhase(Phase):
