@@ -464,3 +464,23 @@ def test_reg_training_runs_on_the_step_draw(tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all("loss_cls" in r for r in records)
 
 
+
+
+def test_the_class_token_is_noised_per_sample_on_the_cosine_path():
+    """REG's loss broadcasts α′_t (B,1,1,1) against the (B, Dc) class token on the cosine path, a (B,1,B,Dc)
+    target; here each sample takes its own coefficients, as on the linear path."""
+    from erw_fast.objectives import Interpolant, diffusion_loss
+
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, x, t, y, cls_token=None):
+            seen["cls_t"] = cls_token
+            return torch.zeros_like(x), [], torch.zeros_like(cls_token)
+
+    cls, noise, t = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0.1, 0.5, 0.9])
+    out = diffusion_loss(Spy(), torch.randn(3, 4, 2, 2), torch.zeros(3, dtype=torch.long), Interpolant("cosine"),
+                         t=t, noise=torch.randn(3, 4, 2, 2), cls_token=cls, cls_noise=noise, cls_weight=0.03)
+    a, s, da, ds = (c[:, None] for c in Interpolant("cosine").coefficients(t))
+    torch.testing.assert_close(seen["cls_t"], a * cls + s * noise)
+    torch.testing.assert_close(out.cls, ((da * cls + ds * noise) ** 2).mean(dim=1).mean())
