@@ -50,12 +50,12 @@ def time_engine(args: argparse.Namespace, engine: str, out_dir: Path) -> dict:
     device = trainer.device
     embed_dim = 768  # DINOv2-B features, precomputed: the encoder is not what is being compared
     # A stand-in teacher of DINOv2-B's width: one projector, never called (the batch carries its features).
-    trainer.teacher.encoders = [SimpleNamespace(embed_dim=embed_dim)]
+    tokens = (config.model.input_size // 2) ** 2
+    trainer.teacher.encoders = [SimpleNamespace(embed_dim=embed_dim, num_patches=lambda: tokens)]
     phase = trainer.phases[0 if args.phase == "warmup" else 1]
     trainer._enter_phase(phase, trainer._new_model(phase))
     m = config.model
     g = torch.Generator(device="cpu").manual_seed(0)
-    tokens = (m.input_size // 2) ** 2
     batch = {"latents": torch.randn(args.batch, m.in_channels, m.input_size, m.input_size, generator=g).to(device),
              "labels": torch.randint(0, m.num_classes, (args.batch,), generator=g).to(device),
              "features": torch.randn(args.batch, tokens, embed_dim, generator=g).to(device)}
