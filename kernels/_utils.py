@@ -103,3 +103,24 @@ def dot_settings(dtype: torch.dtype, input_precision: str) -> tuple[str | None, 
     if dtype == torch.bfloat16 and interpreting():
         return "ieee", True
     return None, False
+
+
+def check_key_form(has_target: bool, has_keys: bool, key_offset: object, symmetric: bool) -> None:
+    """NT-Xent's two call forms: ``target`` (the local batch's keys, positives on the diagonal) or ``keys`` (a
+    larger key set, the positive of query (b, n) at keys[key_offset + b, n]); the rules both backends share."""
+    if not has_keys:
+        if not has_target:
+            raise ValueError("NT-Xent needs the keys: target (the local batch's, proj's shape) or keys=")
+        if key_offset != 0:
+            raise ValueError(f"key_offset ({key_offset}) places the positives inside keys=; target has none to place")
+        return
+    if has_target:
+        raise ValueError("pass target (the local batch's keys) or keys= (a key set holding the positives at "
+                         "keys[key_offset : key_offset + B]), not both")
+    if symmetric:
+        raise ValueError(
+            "symmetric NT-Xent takes the local batch's keys; with keys= the key-side loss would need every "
+            "rank's queries (use target=, or symmetric=False)"
+        )
+    if not isinstance(key_offset, (int, torch.SymInt)) or isinstance(key_offset, bool):
+        raise ValueError(f"key_offset must be an int, got {key_offset!r}")

@@ -874,28 +874,15 @@ nt_xent_one_pass.register_autograd(_one_pass_backward, setup_context=_setup_one_
 
 def _check_keys(proj: Tensor, target: Tensor | None, keys: Tensor | None, key_offset: int, symmetric: bool) -> Tensor:
     """The keys of the call: target (the in-batch form, key_offset 0) or `keys` (target None); checked."""
+    _utils.check_key_form(target is not None, keys is not None, key_offset, symmetric)
     if keys is None:
-        if target is None:
-            raise ValueError("NT-Xent needs the keys: target (the local batch's, proj's shape) or keys=")
-        if key_offset != 0:
-            raise ValueError(f"key_offset ({key_offset}) places the positives inside keys=; target has none to place")
         _utils.check_pair(proj, target)
         return target
-    if target is not None:
-        raise ValueError("pass target (the local batch's keys) or keys= (a key set holding the positives at "
-                         "keys[key_offset : key_offset + B]), not both")
-    if symmetric:
-        raise ValueError(
-            "symmetric NT-Xent takes the local batch's keys; with keys= the key-side loss would need every "
-            "rank's queries (use target=, or symmetric=False)"
-        )
     if torch.is_grad_enabled() and keys.requires_grad:
         raise ValueError("keys= must be constants (the frozen teacher's features; detach them): the kernels "
                          "compute no gradient for a larger key set")
     if proj.dim() != 3 or proj.numel() == 0:
         raise ValueError(f"proj must be a non-empty (B, T, D) tensor, got {tuple(proj.shape)}")
-    if not isinstance(key_offset, (int, torch.SymInt)) or isinstance(key_offset, bool):
-        raise ValueError(f"key_offset must be an int, got {key_offset!r}")
     _check_key_shapes(proj.shape, keys.shape, key_offset, False)
     if not (proj.is_floating_point() and keys.is_floating_point()):
         raise ValueError(f"proj and keys must be floating point, got {proj.dtype} and {keys.dtype}")

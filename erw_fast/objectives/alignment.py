@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from erw_fast.kernels._utils import check_temperature
+from erw_fast.kernels._utils import check_key_form, check_temperature
 
 ALIGNMENT_BACKENDS = ("auto", "torch", "triton")
 NEGATIVE_SETS = ("batch", "position")
@@ -154,22 +154,9 @@ def _key_pairs(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(queries, keys) per encoder: (proj, target) of one shape, or proj against `keys` with the positives at
     keys[key_offset : key_offset + B]."""
+    check_key_form(target is not None, keys is not None, key_offset, symmetric)
     if keys is None:
-        if target is None:
-            raise ValueError("nt_xent_loss needs the keys: target (the local batch's, proj's shape) or keys=")
-        if key_offset != 0:
-            raise ValueError(f"key_offset ({key_offset}) places the positives inside keys=; target has none to place")
         return _pairs(proj, target)
-    if target is not None:
-        raise ValueError("pass target (the local batch's keys) or keys= (a key set holding the positives at "
-                         "keys[key_offset : key_offset + B]), not both")
-    if symmetric:
-        raise ValueError(
-            "symmetric NT-Xent takes the local batch's keys; with keys= the key-side loss would need every "
-            "rank's queries (use target=, or symmetric=False)"
-        )
-    if not isinstance(key_offset, (int, torch.SymInt)) or isinstance(key_offset, bool):
-        raise ValueError(f"key_offset must be an int, got {key_offset!r}")
     projs = [proj] if isinstance(proj, torch.Tensor) else list(proj)
     key_sets = [keys] if isinstance(keys, torch.Tensor) else list(keys)
     if len(projs) != len(key_sets) or not projs:
