@@ -221,7 +221,8 @@ class Trainer:
             from erw_fast.models.attention_select import measured_backend_for_run
 
             self.attn_backend = measured_backend_for_run(c.model.sit_kwargs(), b.micro_batch, c.train.precision,
-                                                         self.device, self.env.world_size, self.log)
+                                                         self.device, self.env.world_size, self.log,
+                                                         extra_tokens=int(c.run.class_token))
         if source is not None:
             step = self._restore(source, state, honoured)
             del state

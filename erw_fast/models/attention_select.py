@@ -103,13 +103,14 @@ def timing_table(timings: list[BackendTiming], chosen: str) -> str:
 
 
 def measured_backend_for_run(sit_kwargs: dict, micro_batch: int, precision: str, device: torch.device,
-                             world_size: int, log: Callable[[str], None]) -> str:
-    """model.attn_backend=measure: time every available backend at the run's shape (micro-batch, heads, tokens,
-    head dim, dtype) and return the fastest correct one; rank 0 decides for all ranks."""
+                             world_size: int, log: Callable[[str], None], extra_tokens: int = 0) -> str:
+    """model.attn_backend=measure: time every available backend at the run's shape (micro-batch, heads, tokens —
+    the patches plus ``extra_tokens``, e.g. REG's class token —, head dim, dtype) and return the fastest correct
+    one; rank 0 decides for all ranks."""
     import torch.distributed as dist
 
     heads, hidden = sit_kwargs["num_heads"], sit_kwargs["hidden_size"]
-    tokens = (sit_kwargs["input_size"] // sit_kwargs["patch_size"]) ** 2
+    tokens = (sit_kwargs["input_size"] // sit_kwargs["patch_size"]) ** 2 + extra_tokens
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     timings = measure_attention_backends(micro_batch, heads, tokens, hidden // heads, dtype, device)
     choice = [choose_attention_backend(timings)]
