@@ -355,6 +355,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def flatten_dotted(tree: dict[str, Any], prefix: str = "", empty_as_leaf: bool = False) -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}: nested mappings as dotted keys (an empty mapping is dropped, or kept as a
+    value with ``empty_as_leaf``)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and (value or not empty_as_leaf):
+            flat.update(flatten_dotted(value, f"{prefix}{key}.", empty_as_leaf))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from erw_fast.checkpoint import CHECKPOINT_SUBDIR, ENGINE_SUBDIRS, list_checkpoints, load_checkpoint
-from erw_fast.config import Config, ConfigError
+from erw_fast.config import Config, ConfigError, flatten_dotted
 
 # Keys (or sections, ending with '.') a resume may change. Everything else is refused.
 HONOURED = (
@@ -57,16 +57,6 @@ OPTIMIZER_KEYS = {"optim.lr": "lr", "optim.weight_decay": "weight_decay", "optim
 _SHARD_KINDS = ("webdataset", "dali")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _honoured(key: str, old: Any, new: Any) -> bool:
     if key == "data.kind":
         return old in _SHARD_KINDS and new in _SHARD_KINDS
@@ -76,7 +66,7 @@ def _honoured(key: str, old: Any, new: Any) -> bool:
 def config_changes(saved: dict[str, Any], config: Config) -> tuple[list[str], list[str]]:
     """(honoured, refused) differences between a checkpoint's config and this run's, one ``key: old → new`` each.
     A key missing from the saved config (added since) is not compared."""
-    old, new = _flatten(saved), _flatten(config.to_dict())
+    old, new = flatten_dotted(saved), flatten_dotted(config.to_dict())
     honoured, refused = [], []
     for key in sorted(old.keys() & new.keys()):
         if key in _NOT_COMPARED or old[key] == new[key]:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from erw_fast.atomic import atomic_write_bytes
+from erw_fast.config import flatten_dotted
 from erw_fast.data.images import IMAGE_FORMATS, IMAGE_MEMBER, center_crop_arr, encode_image, load_rgb
 from erw_fast.data.shards import (
     MEMBER_FEATURES,
@@ -313,16 +314,6 @@ def _read_record(out: Path, k: int, verify: bool) -> dict[str, Any] | None:
     return record
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def _finished_shards(out: Path) -> list[Path]:
     return sorted((out / SHARD_DIR).glob("shard-*.json"))
 
@@ -333,7 +324,7 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> str | None:
     path = out / PLAN_NAME
     if not path.is_file():
         return None
-    old, new = _flatten(json.loads(path.read_text())), _flatten(plan)
+    old, new = (flatten_dotted(p, empty_as_leaf=True) for p in (json.loads(path.read_text()), plan))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not diff:
         return None

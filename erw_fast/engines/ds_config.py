@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from erw_fast.config import Config, ConfigError
+from erw_fast.config import Config, ConfigError, flatten_dotted
 from erw_fast.engines.base import adamw_implementation
 
 DEFAULT_ZERO_STAGE = 1  # see README "Choosing the engine": ZeRO-1 is the cheapest sharding on one node
@@ -87,16 +87,6 @@ def _implementation(choice: str, device: torch.device) -> dict[str, bool]:
     return {"fused": True} if adamw_implementation(choice, device) == "fused" else {"foreach": True}
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _same(ours: Any, theirs: Any) -> bool:
     if isinstance(ours, list | tuple) and isinstance(theirs, list | tuple):
         return len(ours) == len(theirs) and all(_same(a, b) for a, b in zip(ours, theirs, strict=True))
@@ -135,7 +125,7 @@ def build_deepspeed_config(config: Config, *, global_batch: int, micro_batch: in
         stage = user_stage if isinstance(user_stage, int) else DEFAULT_ZERO_STAGE
     generated, sources = generated_config(config, global_batch=global_batch, micro_batch=micro_batch,
                                           accumulation=accumulation, device=device, zero_stage=stage)
-    flat_ours, flat_theirs = _flatten(generated), _flatten(user)
+    flat_ours, flat_theirs = flatten_dotted(generated), flatten_dotted(user)
     conflicts = [
         f"{key} = {json.dumps(theirs)} in {user_source}, but {json.dumps(flat_ours[key])} from {sources[key]}"
         for key, theirs in flat_theirs.items()
