@@ -109,6 +109,40 @@ class AlignmentConfig:
     backend: Literal["auto", "torch", "triton"] = "auto"
     encoder_depth: int = 8  # block (from 1) whose output the projector reads in the full phase / REPA
     weight: float = 0.5  # REPA's constant λ
+    # The projector: REPA's MLP, or iREPA's Conv2d on the token grid ('same' padding; iREPA's LDM command trains
+    # kernel 1, its paper says 3).
+    projector: Literal["mlp", "conv"] = "mlp"
+    projector_kernel_size: int = 1
+    # The teacher's patch tokens as target: as they are, or iREPA's (f − α·mean_T f) / (std_T f + 1e-6) over the
+    # tokens (unbiased std), online and precomputed features alike.
+    target_norm: Literal["none", "spatial_zscore"] = "none"
+    zscore_alpha: float = 0.6  # iREPA's LDM default
+    # U-REPA's manifold loss: w · ‖cos-Gram(teacher tokens) − cos-Gram(projected tokens)‖²_F per image, added to
+    # the alignment term (so it follows the alignment weight). 0: off.
+    manifold_weight: float = 0.0
+    # λ over the steps of the diffusion phase: auto (erw in ERW's Phase 2, constant otherwise) | constant | erw |
+    # hard_stop (constant until stop_step, HASTE) | cosine (to 0 at stop_step). A stop_step with constant / erw
+    # stops them there. Once every alignment weight is 0 for good, the teacher, projector, attention capture
+    # and image decode stop running.
+    schedule: Literal["auto", "constant", "erw", "hard_stop", "cosine"] = "auto"
+    stop_step: int | None = None
+
+
+@dataclass
+class HasteConfig:
+    """HASTE's attention distillation (attn_weight > 0 turns it on; it needs the online teacher): a soft
+    cross-entropy between the teacher's attention probabilities (CLS row/column removed) and the student's, per
+    (student block, teacher block) pair, averaged over the pairs."""
+
+    attn_weight: float = 0.0  # HASTE's --attn-coeff (0.5 in its run); 0: off
+    student_blocks: list[int] = field(default_factory=lambda: [5, 6, 7, 8])  # SiT blocks, from 1
+    teacher_blocks: list[int] = field(default_factory=lambda: [9, 10, 11, 12])  # paired in order, from 1
+    # Student heads paired with the teacher's heads 0, 1, … in order (None: the student's first H_teacher heads).
+    student_heads: list[int] | None = None
+    schedule: Literal["constant", "hard_stop", "cosine"] = "hard_stop"
+    stop_step: int | None = None  # HASTE's --early-stop-point (250000 for SiT-XL/2)
+    # log(softmax(·)) as the reference computes the student side (a NaN source under fp16) instead of log_softmax.
+    legacy_log_softmax: bool = False
 
 
 @dataclass
@@ -260,6 +294,7 @@ class Config:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     erw: ERWConfig = field(default_factory=ERWConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+    haste: HasteConfig = field(default_factory=HasteConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

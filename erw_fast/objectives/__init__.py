@@ -17,20 +17,34 @@ from erw_fast.objectives.losses import (
     mean_flat,
     phase1_loss,
 )
-from erw_fast.objectives.schedule import ERW_C0_PRESETS, ConstantLambda, ERWLambdaSchedule, erw_c0_preset
+from erw_fast.objectives.schedule import (
+    ERW_C0_PRESETS,
+    SCHEDULE_KINDS,
+    ConstantLambda,
+    CosineToZero,
+    ERWLambdaSchedule,
+    HardStop,
+    WeightSchedule,
+    erw_c0_preset,
+    weight_schedule,
+)
 
 __all__ = [
     "ALIGNMENT_BACKENDS",
     "ALIGNMENT_OBJECTIVES",
     "ERW_C0_PRESETS",
     "NEGATIVE_SETS",
+    "SCHEDULE_KINDS",
     "PATH_TYPES",
     "TIME_WEIGHTINGS",
     "AlignmentObjective",
     "ConstantLambda",
+    "CosineToZero",
     "DiffusionLossOutput",
     "ERWLambdaSchedule",
+    "HardStop",
     "Interpolant",
+    "WeightSchedule",
     "diffusion_loss",
     "erw_c0_preset",
     "legacy_warmup_cosine_loss",
@@ -39,4 +53,5 @@ __all__ = [
     "phase1_loss",
     "repa_cosine_loss",
     "resolve_alignment_backend",
+    "weight_schedule",
 ]
