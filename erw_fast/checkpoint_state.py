@@ -145,7 +145,7 @@ def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dic
     whole architecture, so that the file alone rebuilds its model (``cli.loading`` reads them back). A warmup
     (Phase-1) export describes the Phase-1 model: its projectors read block ``erw.warmup_depth``. A REG model
     adds REG's train.py keys (``cls``: the class-token loss weight) and its class token's width."""
-    kwargs = c.model.sit_kwargs(z_dims)
+    kwargs = c.model.sit_kwargs(z_dims, alignment=c.alignment)
     warmup = phase == "warmup"
     reg = {"cls": c.reg.cls_weight, "cls_token_dim": z_dims[0]} if c.class_token_in(phase) and z_dims else {}
     return {"model": c.model.name, "phase": phase,
@@ -157,8 +157,18 @@ def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dic
                                       "in_channels", "num_classes", "class_dropout_prob", "projector_dim",
                                       "qk_norm")},
             "use_rope": c.erw.warmup_rope if warmup else c.model.use_rope,
+            **alignment_args(c),
             **({"l2r_depth": c.erw.warmup_depth, "warmup_loss_weight": c.erw.warmup_loss_weight} if warmup else {}),
             **reg}
+
+
+def alignment_args(c: Config) -> dict[str, Any]:
+    """iREPA's and U-REPA's settings under iREPA's argument names (projection_layer_type, proj_kwargs_kernel_size,
+    spnorm_method, zscore_alpha) and this project's manifold_weight: what an export and a sample protocol say."""
+    a = c.alignment
+    return {"projection_layer_type": a.projector, "proj_kwargs_kernel_size": a.projector_kernel_size,
+            "spnorm_method": "zscore" if a.target_norm == "spatial_zscore" else "none",
+            "zscore_alpha": a.zscore_alpha, "manifold_weight": a.manifold_weight}
 
 
 def _pid_alive(pid: str) -> bool:

@@ -61,17 +61,20 @@ class ModelConfig:
     patch_size: int | None = None
     mlp_ratio: float = 4.0
 
-    def sit_kwargs(self, z_dims: list[int] | tuple[int, ...] = (), attn_backend: str | None = None) -> dict[str, Any]:
-        """The SiT constructor's arguments: the named size, the overrides set here, one projector per z_dim."""
+    def sit_kwargs(self, z_dims: list[int] | tuple[int, ...] = (), attn_backend: str | None = None,
+                   alignment: AlignmentConfig | None = None) -> dict[str, Any]:
+        """The SiT constructor's arguments: the named size, the overrides set here, one projector per z_dim, of
+        the type ``alignment`` names (alignment.projector, .projector_kernel_size; REPA's MLP without it)."""
         from erw_fast.models.sit import sit_config
 
         named = ("depth", "hidden_size", "num_heads", "patch_size")
         overrides = {k: getattr(self, k) for k in named if getattr(self, k)}
+        a = alignment or AlignmentConfig()
         return sit_config(
             self.name, input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
             class_dropout_prob=self.class_dropout_prob, projector_dim=self.projector_dim, qk_norm=self.qk_norm,
             use_rope=self.use_rope, attn_backend=attn_backend or self.attn_backend, mlp_ratio=self.mlp_ratio,
-            z_dims=list(z_dims), **overrides,
+            z_dims=list(z_dims), projector=a.projector, projector_kernel_size=a.projector_kernel_size, **overrides,
         )
 
     def num_tokens(self) -> int:
@@ -496,6 +499,7 @@ def validate(config: Config) -> None:
                 f"{len(config.encoder.names)} encoders"
             )
     _check_reg(config)
+    _check_alignment_family(config)
     try:
         check_temperature(align.temperature)
     except ValueError as error:
@@ -516,6 +520,20 @@ def validate(config: Config) -> None:
             f"{config.model.patch_size or patch}"
         )
     _check_ranges(config)
+
+
+def _check_alignment_family(config: Config) -> None:
+    """iREPA's projector and target normalisation, U-REPA's manifold weight."""
+    a = config.alignment
+    k = a.projector_kernel_size
+    if k < 1 or k % 2 == 0:
+        raise ConfigError(f"alignment.projector_kernel_size must be an odd integer ≥ 1 (1 or 3 in iREPA), got {k}")
+    if a.manifold_weight and config.run.warmup and config.erw.legacy_warmup_loss:
+        raise ConfigError("alignment.manifold_weight: erw.legacy_warmup_loss reproduces the released ERW warmup loss, "
+                          "which has no manifold term (set one of them off)")
+    if a.projector == "conv" and config.run.class_token:
+        raise ConfigError(f"alignment.projector: 'conv' needs a square token grid and run.mode={config.run.mode} puts "
+                          "REG's class token in front (use alignment.projector=mlp)")
 
 
 def _check_reg(config: Config) -> None:
@@ -552,6 +570,8 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str, str], ...] = (
     ("erw.half_life", lambda v: v > 0, "> 0", "steps over which λ halves"),
     ("erw.c0", lambda v: v >= 0, "≥ 0", "λ's starting value; leave unset for the preset"),
     ("alignment.weight", lambda v: v >= 0, "≥ 0", "REPA's λ"),
+    ("alignment.zscore_alpha", lambda v: 0 <= v <= 1, "in [0, 1]", "the share of the mean iREPA's z-score removes"),
+    ("alignment.manifold_weight", lambda v: v >= 0, "≥ 0", "U-REPA's manifold-loss weight; 0 is off"),
     ("reg.cls_weight", lambda v: v >= 0, "≥ 0", "the weight of REG's class-token loss"),
     ("optim.lr", lambda v: v >= 0, "≥ 0", "the learning rate"),
     ("optim.weight_decay", lambda v: v >= 0, "≥ 0", "AdamW's weight decay"),

@@ -102,6 +102,9 @@ class Phase:
             # The teacher's features are frozen: the one-sided loss takes the kernels' one-pass form.
             form = "two passes (symmetric)" if a.symmetric else "one pass, frozen teacher"
             text += f" ({form}; {describe_tiles(device)})"
+        text += f", {a.projector} projector, target normalisation {self.teacher.target_norm.describe()}"
+        if a.manifold_weight:
+            text += f", + {a.manifold_weight:g}·U-REPA manifold loss"
         if self.class_token:
             text += ", REG class token (the first encoder's CLS)"
         return text
@@ -175,6 +178,8 @@ class DiffusionPhase(Phase):
         parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
         if out.alignment is not None:
             parts["loss_align"] = out.alignment
+        if out.manifold is not None:
+            parts["loss_manifold"] = out.manifold
         if out.cls is not None:
             parts["loss_cls"] = out.cls
         return out.loss, parts
@@ -214,7 +219,8 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
     c = config
     a = c.alignment
     alignment = AlignmentObjective(a.objective, a.temperature, a.negatives, a.symmetric, alignment_backend,
-                                   a.negatives_scope)
+                                   a.negatives_scope, manifold_weight=a.manifold_weight,
+                                   projector=f"conv k={a.projector_kernel_size}" if a.projector == "conv" else "mlp")
     total = c.train.total_steps
 
     def full(name: str, start: int, lam: ERWLambdaSchedule | ConstantLambda | None) -> DiffusionPhase:

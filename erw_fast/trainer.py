@@ -32,7 +32,7 @@ from erw_fast.checkpoint_state import (
 )
 from erw_fast.config import Config, ConfigError, dump_config, load_config
 from erw_fast.data.device_prefetch import describe_device_prefetch
-from erw_fast.encoders.teacher import Teacher, load_teacher
+from erw_fast.encoders.teacher import Teacher, load_teacher, target_norm
 from erw_fast.engines import Engine, build_engine, select_engine
 from erw_fast.metrics import LogWindow, MetricsWriter, global_means
 from erw_fast.models import describe_attention_backend
@@ -75,7 +75,7 @@ class Trainer:
         self.out = log_stream
         self.run_dir = c.run_dir
         self.batch = BatchPlan.derive(c, self.env.world_size)
-        self.teacher = Teacher()  # its encoders are loaded in run()
+        self.teacher = Teacher(target_norm=target_norm(c.alignment))  # its encoders are loaded in run()
         backend = resolve_alignment_backend(c.alignment.backend, torch.empty(0, device=self.device))
         self.phases = plan_phases(c, self.teacher, backend)
         self.phase: Phase = self.phases[0]
@@ -117,7 +117,7 @@ class Trainer:
             return next(loader)
 
     def _new_model(self, phase: Phase) -> nn.Module:
-        kwargs = self.config.model.sit_kwargs(self.teacher.z_dims, self.attn_backend)
+        kwargs = self.config.model.sit_kwargs(self.teacher.z_dims, self.attn_backend, self.config.alignment)
         return phase.build_model(kwargs).to(self.device)
 
     def _enter_phase(self, phase: Phase, model: nn.Module, resume_info: dict[str, Any] | None = None) -> None:

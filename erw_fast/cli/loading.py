@@ -3,9 +3,9 @@
 Accepts the reference layout (``run/reference/NNNNNNN.pt`` = ``{model, ema, args, steps}``, also REPA's own
 training checkpoints) and the trainer's checkpoints (``run/checkpoints/step_*.pt``). The architecture comes
 from, in order of precedence: the state dict itself for every shape it determines (width, depth, patch,
-channels, latent size, MLP ratio, projectors, QK-norm), then ``--config`` or the run's ``config.yaml`` found
-two levels above the checkpoint, then the checkpoint's ``args``, then the ``--model`` name. Only the number of
-heads and the alignment depth are not visible in the weights.
+channels, latent size, MLP ratio, projectors and their type: MLP or iREPA's conv and its kernel, QK-norm), then
+``--config`` or the run's ``config.yaml`` found two levels above the checkpoint, then the checkpoint's ``args``,
+then the ``--model`` name. Only the number of heads and the alignment depth are not visible in the weights.
 """
 
 from __future__ import annotations
@@ -66,14 +66,18 @@ def sit_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     grid = math.isqrt(num_patches)
     n_proj = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.", k))), default=-1)
+    conv = sd.get("projectors.0.projection_layer.weight")  # iREPA's conv projector: (z, hidden, k, k)
+    last = "projection_layer.weight" if conv is not None else "4.weight"
     kwargs: dict[str, Any] = {
         "hidden_size": hidden, "depth": depth, "patch_size": proj.shape[-1], "in_channels": proj.shape[1],
         "input_size": grid * proj.shape[-1], "mlp_ratio": fc1.shape[0] / hidden,
-        "z_dims": [int(sd[f"projectors.{j}.4.weight"].shape[0]) for j in range(n_proj)],
+        "z_dims": [int(sd[f"projectors.{j}.{last}"].shape[0]) for j in range(n_proj)],
         "qk_norm": any(k.endswith("attn.q_norm.weight") for k in sd),
     }
-    if n_proj:
-        kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
+    if conv is not None:
+        kwargs.update(projector="conv", projector_kernel_size=int(conv.shape[-1]))
+    elif n_proj:
+        kwargs.update(projector="mlp", projector_dim=int(sd["projectors.0.0.weight"].shape[0]))
     if "feat_rope.freqs_cos" in sd:  # absent tables say nothing: our checkpoints before they were persistent
         kwargs["use_rope"] = True
     if cls is not None:
@@ -90,7 +94,8 @@ def _checkpoint_step(path: Path, steps: int | None) -> int | None:
 
 def _config_kwargs(config: Config) -> dict[str, Any]:
     # The run's model section; the state dict then fixes whatever it determines (widths, projectors, ...).
-    return {**config.model.sit_kwargs(attn_backend="sdpa"), "encoder_depth": config.alignment.encoder_depth}
+    return {**config.model.sit_kwargs(attn_backend="sdpa", alignment=config.alignment),
+            "encoder_depth": config.alignment.encoder_depth}
 
 
 # What an export's `args` records of the architecture (checkpoint_state.reference_args), and how to read it.
@@ -106,6 +111,10 @@ def _args_kwargs(args: dict[str, Any], model_name: str | None) -> dict[str, Any]
     for key, cast in _ARCH_ARGS:
         if args.get(key) is not None:
             kwargs[key] = cast(args[key])
+    if args.get("projection_layer_type") is not None:  # iREPA's names for the projector type and kernel
+        kwargs["projector"] = str(args["projection_layer_type"])
+    if args.get("proj_kwargs_kernel_size") is not None:
+        kwargs["projector_kernel_size"] = int(args["proj_kwargs_kernel_size"])
     dims = args.get("projector_embed_dims")
     if dims not in (None, ""):
         kwargs["z_dims"] = [int(d) for d in str(dims).split(",")]

@@ -116,6 +116,19 @@ def _reg_protocol(args: argparse.Namespace, dim: int) -> dict[str, Any]:
     }
 
 
+def _alignment_protocol(loaded: Any) -> dict[str, Any]:
+    """How the model was aligned during training (iREPA's projector and target normalisation, U-REPA's manifold
+    weight): the run config's when found, else what the export's args record; the projector as rebuilt."""
+    from erw_fast.checkpoint_state import alignment_args
+
+    keys = ("spnorm_method", "zscore_alpha", "manifold_weight")
+    known = alignment_args(loaded.config) if loaded.config is not None else loaded.args
+    out: dict[str, Any] = {k: known.get(k) for k in keys}
+    out["projection_layer_type"] = loaded.kwargs.get("projector", "mlp")
+    out["proj_kwargs_kernel_size"] = loaded.kwargs.get("projector_kernel_size", 1)
+    return out
+
+
 class _RankProgress:
     """This rank's finished batches in ``.parts``: one ``.npz`` each, and (written after it) the count and the
     generator state that the next batch starts from."""
@@ -248,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low,
                         "guidance_high": args.guidance_high, "path_type": path_type},
             "reg": _reg_protocol(args, model.cls_token_dim) if model.cls_token_dim is not None else None,
+            "alignment": _alignment_protocol(loaded),
             "vae": {"spec": vae, "description": codec.description},
             "num_samples": args.num_samples,
             "image_shape": list(all_images.shape[1:]),

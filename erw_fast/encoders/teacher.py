@@ -7,15 +7,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from erw_fast.config import Config, ConfigError
+from erw_fast.config import AlignmentConfig, Config, ConfigError
+from erw_fast.objectives.target_norm import TargetNorm
 
 
 class Teacher:
     """Frozen encoders; ``targets`` gives one (B, T, D) feature tensor per encoder for a slice of a batch
-    (``with_cls``: T = 1 + patches, the CLS token first)."""
+    (``with_cls``: T = 1 + patches, the CLS token first), normalised by ``target_norm`` (iREPA's spatial z-score
+    of the patch tokens, or none)."""
 
-    def __init__(self, encoders: list[nn.Module] | None = None) -> None:
+    def __init__(self, encoders: list[nn.Module] | None = None, target_norm: TargetNorm | None = None) -> None:
         self.encoders: list[nn.Module] = list(encoders or [])
+        self.target_norm = target_norm or TargetNorm()
 
     @property
     def z_dims(self) -> list[int]:
@@ -25,8 +28,11 @@ class Teacher:
     @torch.no_grad()
     def targets(self, batch: dict[str, torch.Tensor], sl: slice, with_cls: bool = False) -> list[torch.Tensor]:
         if "features" in batch:  # precomputed teacher features (one encoder)
-            return [self._cached(batch["features"][sl], with_cls)]
-        return [encoder(batch["images"][sl].float(), with_cls=with_cls) for encoder in self.encoders]
+            features = [self._cached(batch["features"][sl], with_cls)]
+        else:
+            features = [encoder(batch["images"][sl].float(), with_cls=with_cls) for encoder in self.encoders]
+        # The one place targets are normalised, online and precomputed alike; REG's CLS token is left as it is.
+        return [self.target_norm(f, prefix_tokens=int(with_cls)) for f in features]
 
     def _cached(self, features: torch.Tensor, with_cls: bool) -> torch.Tensor:
         """Precomputed features: patch tokens, or the CLS token then the patch tokens (``erw-prepare
@@ -38,6 +44,11 @@ class Teacher:
                              f"{patches} patch tokens that REG needs: prepare the data with erw-prepare "
                              "--encoder-cls-token")
         return features if with_cls or not has_cls else features[:, 1:]
+
+
+def target_norm(alignment: AlignmentConfig) -> TargetNorm:
+    """The run's normalisation of the teacher's patch tokens (alignment.target_norm, alignment.zscore_alpha)."""
+    return TargetNorm(alignment.target_norm, alignment.zscore_alpha)
 
 
 def class_token_dim(config: Config) -> int | None:
@@ -81,4 +92,4 @@ def load_teacher(config: Config, device: torch.device, sit_tokens: int,
     for encoder in encoders:
         log(f"encoder: {encoder!r}")
         check_token_count(encoder.num_patches(), sit_tokens, encoder.name)
-    return Teacher(encoders)
+    return Teacher(encoders, target_norm(config.alignment))

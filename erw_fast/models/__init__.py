@@ -6,12 +6,12 @@ from erw_fast.models.attention import (
     describe_attention_backend,
     resolve_attention_backend,
 )
+from erw_fast.models.projectors import PROJECTOR_KINDS, ConvProjector, build_projector
 from erw_fast.models.sit import (
     SIT_CONFIGS,
     SIT_SIZES,
     SiT,
     SiTPhase1,
-    build_projector,
     build_sit,
     build_sit_phase1,
     parse_model_name,
@@ -21,8 +21,10 @@ from erw_fast.models.transfer import TransferReport, transfer_phase1_weights
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "PROJECTOR_KINDS",
     "SIT_CONFIGS",
     "SIT_SIZES",
+    "ConvProjector",
     "SiT",
     "SiTPhase1",
     "TransferReport",

@@ -22,6 +22,7 @@ from torch import nn
 
 from erw_fast.models.attention import Attention
 from erw_fast.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from erw_fast.models.projectors import build_projector
 from erw_fast.models.rope import Rope2D
 
 
@@ -40,17 +41,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA projector: Linear D→P, SiLU, Linear P→P, SiLU, Linear P→z_dim."""
-    return nn.Sequential(
-        nn.Linear(hidden_size, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, z_dim),
-    )
 
 
 class SiTBlock(nn.Module):
@@ -125,6 +115,8 @@ class _SiTTrunk(nn.Module):
         use_rope: bool,
         attn_backend: str,
         cls_token_dim: int | None = None,
+        projector: str = "mlp",
+        projector_kernel_size: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= encoder_depth <= depth:
@@ -156,7 +148,13 @@ class _SiTTrunk(nn.Module):
             SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, attn_backend=attn_backend)
             for _ in range(num_built_blocks)
         )
-        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in self.z_dims)
+        if projector == "conv" and cls_token_dim is not None:
+            raise ValueError("the conv projector (iREPA) needs a square token grid; REG's class token has no grid "
+                             "position: use the MLP projector with cls_token_dim")
+        self.projector, self.projector_kernel_size = projector, projector_kernel_size
+        self.projectors = nn.ModuleList(
+            build_projector(hidden_size, projector_dim, z, projector, projector_kernel_size) for z in self.z_dims
+        )
 
     def _add_class_token_embedder(self) -> None:
         """REG's class-token input: Linear(cls_token_dim → hidden), then an affine LayerNorm (eps 1e-6)."""
@@ -266,6 +264,8 @@ class SiT(_SiTTrunk):
         attn_backend: str = "sdpa",
         decoder_hidden_size: int | None = None,
         cls_token_dim: int | None = None,
+        projector: str = "mlp",
+        projector_kernel_size: int = 1,
         **reference_only: object,
     ) -> None:
         _check_reference_only(reference_only)
@@ -279,7 +279,8 @@ class SiT(_SiTTrunk):
             depth=depth, num_built_blocks=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=z_dims,
             projector_dim=projector_dim, encoder_depth=encoder_depth, qk_norm=qk_norm, use_rope=use_rope,
-            attn_backend=attn_backend, cls_token_dim=cls_token_dim,
+            attn_backend=attn_backend, cls_token_dim=cls_token_dim, projector=projector,
+            projector_kernel_size=projector_kernel_size,
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cls_token_dim)
         self._add_class_token_embedder()
@@ -344,6 +345,8 @@ class SiTPhase1(_SiTTrunk):
         encoder_depth: int | None = None,
         decoder_hidden_size: int | None = None,
         cls_token_dim: int | None = None,
+        projector: str = "mlp",
+        projector_kernel_size: int = 1,
         **reference_only: object,
     ) -> None:
         _check_reference_only(reference_only)
@@ -359,7 +362,8 @@ class SiTPhase1(_SiTTrunk):
             depth=depth, num_built_blocks=warmup_depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=z_dims,
             projector_dim=projector_dim, encoder_depth=warmup_depth, qk_norm=qk_norm, use_rope=use_rope,
-            attn_backend=attn_backend, cls_token_dim=cls_token_dim,
+            attn_backend=attn_backend, cls_token_dim=cls_token_dim, projector=projector,
+            projector_kernel_size=projector_kernel_size,
         )
         self.warmup_depth = warmup_depth
         self._add_class_token_embedder()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from erw_fast.kernels._utils import check_temperature
 from erw_fast.objectives.alignment import NEGATIVE_SETS, nt_xent_loss, repa_cosine_loss
 from erw_fast.objectives.interpolants import Interpolant
+from erw_fast.objectives.manifold import manifold_loss
 
 ALIGNMENT_OBJECTIVES = ("cosine", "nt_xent")
 
@@ -24,7 +25,8 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class AlignmentObjective:
     """Which alignment loss to use and how. ``objective``: 'cosine' (REPA, the released ERW code) or
-    'nt_xent' (the ERW paper's stated objective)."""
+    'nt_xent' (the ERW paper's stated objective). ``manifold_weight`` w > 0 adds U-REPA's manifold loss: the
+    alignment value is then objective + w · manifold, so it rides on the phase's alignment weight (λ)."""
 
     objective: str = "cosine"
     temperature: float = 0.1
@@ -35,6 +37,8 @@ class AlignmentObjective:
     # The global batch's teacher features (one per encoder) and the row of this micro-batch's first sample.
     keys: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
     key_offset: int = 0
+    manifold_weight: float = 0.0
+    projector: str = "mlp"  # the projector the alignment reads ('mlp', 'conv k=3'): said in the phase's log line
 
     def __post_init__(self) -> None:
         if self.objective not in ALIGNMENT_OBJECTIVES:
@@ -44,6 +48,8 @@ class AlignmentObjective:
         check_temperature(self.temperature)
         if self.negatives_scope not in ("global", "local"):
             raise ValueError(f"unknown negatives scope {self.negatives_scope!r}; choose global or local")
+        if not self.manifold_weight >= 0:
+            raise ValueError(f"manifold_weight must be ≥ 0, got {self.manifold_weight}")
 
     @property
     def wants_global_keys(self) -> bool:
@@ -55,6 +61,21 @@ class AlignmentObjective:
         return replace(self, keys=tuple(keys), key_offset=offset)
 
     def __call__(self, projs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.terms(projs, targets)[0]
+
+    def terms(self, projs: Sequence[torch.Tensor],
+              targets: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the alignment value, the unweighted manifold loss or None when manifold_weight is 0)."""
+        align = self._objective(projs, targets)
+        if not self.manifold_weight:
+            return align, None
+        if targets is None:  # global keys: this micro-batch's rows are its targets
+            b = projs[0].shape[0]
+            targets = [k[self.key_offset : self.key_offset + b] for k in self.keys]
+        manifold = manifold_loss(projs, targets)
+        return align + self.manifold_weight * manifold, manifold
+
+    def _objective(self, projs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] | None) -> torch.Tensor:
         if self.objective == "cosine":
             return repa_cosine_loss(projs, targets, backend=self.backend)
         if self.keys is not None:  # the positives are the keys at key_offset: targets are those rows
@@ -111,6 +132,7 @@ class DiffusionLossOutput:
     diffusion: torch.Tensor
     alignment: torch.Tensor | None
     cls: torch.Tensor | None = None  # REG: the class token's velocity MSE (unweighted)
+    manifold: torch.Tensor | None = None  # U-REPA: the manifold loss (unweighted; inside ``alignment`` with its w)
 
 
 def diffusion_loss(
@@ -157,11 +179,11 @@ def diffusion_loss(
         cls_t, cls_target = interpolant.interpolate(cls_token, cls_noise, t)
         prediction, projs, cls_prediction = model(x_t, t, labels, *extra, cls_token=cls_t)
     diffusion = mean_flat((prediction.float() - target.float()) ** 2).mean()
-    loss, align, cls = diffusion, None, None
+    loss, align, cls, manifold = diffusion, None, None, None
     if encoder_features is not None and alignment is not None:
-        align = alignment(projs, encoder_features)
+        align, manifold = alignment.terms(projs, encoder_features)
         loss = loss + alignment_weight * align
     if cls_token is not None:
         cls = mean_flat((cls_prediction.float() - cls_target.float()) ** 2).mean()
         loss = loss + cls_weight * cls
-    return DiffusionLossOutput(loss, diffusion, align, cls)
+    return DiffusionLossOutput(loss, diffusion, align, cls, manifold)
