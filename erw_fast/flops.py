@@ -237,11 +237,21 @@ def _sit_final(out: FlopBreakdown, s: SiTShape, batch: int, cls_token_dim: int |
 
 
 def projector_flops(
-    hidden_size: int, batch: int, tokens: int, z_dims: Sequence[int] = (768,), projector_dim: int = 2048
+    hidden_size: int, batch: int, tokens: int, z_dims: Sequence[int] = (768,), projector_dim: int = 2048,
+    projector: str = "mlp", kernel_size: int = 1,
 ) -> FlopBreakdown:
-    """REPA projector(s): Linear D→P, SiLU, Linear P→P, SiLU, Linear P→z on every token, one per encoder."""
-    out = FlopBreakdown("projector", batch, settings={"projector_dim": projector_dim, "z_dims": list(z_dims)})
+    """REPA projector(s): Linear D→P, SiLU, Linear P→P, SiLU, Linear P→z on every token, one per encoder; or
+    iREPA's conv (``projector='conv'``): a k×k Conv2d D→z on the token grid, k² times the MACs of a 1×1 (zero
+    padding counted, as FlopCounterMode counts a convolution)."""
+    out = FlopBreakdown("projector", batch, settings={"projector_dim": projector_dim, "z_dims": list(z_dims),
+                                                      "projector": projector, "kernel_size": kernel_size})
     n = batch * tokens
+    if projector == "conv":
+        for z in z_dims:
+            out.add("projector", _mm(n, hidden_size * kernel_size**2, z), 2.0)
+        return out
+    if projector != "mlp":
+        raise ValueError(f"unknown projector {projector!r}; choose mlp or conv")
     for z in z_dims:
         out.add("projector", _mm(n, hidden_size, projector_dim) + _mm(n, projector_dim, projector_dim)
                 + _mm(n, projector_dim, z), 2.0)
@@ -259,6 +269,8 @@ def sit_flops(
     projector_dim: int = 2048,
     attention_recompute: bool = False,
     cls_token_dim: int | None = None,
+    projector: str | None = None,
+    projector_kernel_size: int | None = None,
     **overrides: Any,
 ) -> FlopBreakdown:
     """FLOPs of the trained SiT part of one step at ``batch`` samples (no encoder, no loss).
@@ -269,7 +281,8 @@ def sit_flops(
     (REPA's with REG's class token). ``z_dims=()`` also drops the projectors. ``encoder_depth`` only checks the
     value (where the projector reads does not change the FLOPs). ``attention_recompute`` adds FlashAttention's
     recomputed Q·Kᵀ to the backward. ``cls_token_dim``: REG's class token in any phase (default for 'reg':
-    ``z_dims[0]``).
+    ``z_dims[0]``). ``projector``/``projector_kernel_size``: 'mlp' (default) or iREPA's 'conv' with its kernel
+    (also read from a mapping of constructor keywords).
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; choose one of {PHASES}")
@@ -279,6 +292,9 @@ def sit_flops(
         cls_token_dim = z_dims[0]
     if cls_token_dim is None and not isinstance(model, str):  # SiT constructor keywords may carry it
         cls_token_dim = dict(model).get("cls_token_dim")
+    given = {} if isinstance(model, str) else dict(model)
+    projector = projector or given.get("projector") or "mlp"
+    kernel = projector_kernel_size or given.get("projector_kernel_size") or 1
     shape = SiTShape.resolve(model, **overrides)
     label = model if isinstance(model, str) else "SiT"
     if phase == "warmup":
@@ -302,7 +318,8 @@ def sit_flops(
     if phase != "warmup":
         _sit_final(out, shape, batch, cls_token_dim)
     if zs:
-        out = out.merged(projector_flops(shape.hidden_size, batch, shape.tokens + prefix, zs, projector_dim))
+        out = out.merged(projector_flops(shape.hidden_size, batch, shape.tokens + prefix, zs, projector_dim,
+                                         projector, kernel))
     return out
 
 
@@ -355,12 +372,15 @@ def alignment_flops(
     objective: str = "cosine",
     negatives: str = "batch",
     symmetric: bool = False,
+    manifold: bool = False,
 ) -> FlopBreakdown:
     """Alignment loss FLOPs for one group of ``batch`` samples (one micro-batch on one device).
 
     Cosine: elementwise only (≈ 8·M·D: two normalisations and a dot product), M = batch·tokens.
     NT-Xent logits: 2·M²·D with batch negatives, 2·T·B²·D with position negatives (T groups of B × B);
     ``symmetric`` computes the swapped direction again (×2). Backward: dq only (the targets are frozen): 1×.
+    ``manifold`` (U-REPA): two T × T cosine Grams per image, 2·B·T²·z each; only the student's has a backward
+    (two products, 2×), so 1× of the pair.
     """
     out = FlopBreakdown(f"alignment {objective}", batch,
                         settings={"objective": objective, "negatives": negatives, "symmetric": symmetric,
@@ -368,6 +388,8 @@ def alignment_flops(
     m = batch * tokens
     for z in z_dims:
         out.add("alignment.elementwise", 8 * m * z, 2.0, ELEMENTWISE)
+        if manifold:
+            out.add("alignment.manifold", 2 * batch * _mm(tokens, z, tokens), 1.0)
         if objective == "cosine":
             continue
         if objective != "nt_xent":
@@ -409,12 +431,16 @@ def step_breakdown(
     alignment_group: int | None = None,
     attention_recompute: bool = False,
     class_token: bool | None = None,
+    projector: str = "mlp",
+    projector_kernel_size: int = 1,
+    manifold: bool = False,
     **overrides: Any,
 ) -> FlopBreakdown:
     """Everything one training step computes at ``batch`` samples: the trained SiT part, the frozen encoder
     forward(s) and the alignment loss. ``alignment_group``: samples per NT-Xent negative set (the micro-batch
     on one device; default ``batch``). ``class_token``: REG's class token (the first encoder's width); default:
-    for phase 'reg' only."""
+    for phase 'reg' only. ``projector``, ``projector_kernel_size``: the projector type (iREPA's conv);
+    ``manifold``: U-REPA's manifold loss beside the alignment objective."""
     phase = check_phase(phase)
     aligns = phase != "sit"
     from erw_fast.encoders import get_encoder_spec
@@ -423,7 +449,8 @@ def step_breakdown(
     class_token = phase == "reg" if class_token is None else class_token and aligns
     sit = sit_flops(model, batch, phase, warmup_depth=warmup_depth if phase == "warmup" else None, z_dims=z_dims,
                     projector_dim=projector_dim, attention_recompute=attention_recompute,
-                    cls_token_dim=z_dims[0] if class_token else None, **overrides)
+                    cls_token_dim=z_dims[0] if class_token else None, projector=projector,
+                    projector_kernel_size=projector_kernel_size, **overrides)
     parts = [sit]
     if aligns:
         parts += [encoder_flops(e, resolution, batch) for e in encoders]
@@ -436,7 +463,7 @@ def step_breakdown(
         group = alignment_group or batch
         if batch % group:
             raise ValueError(f"alignment group {group} does not divide the batch {batch}")
-        align = alignment_flops(group, sit.settings["sequence"], z_dims, objective, negatives, symmetric)
+        align = alignment_flops(group, sit.settings["sequence"], z_dims, objective, negatives, symmetric, manifold)
         parts.append(align.scaled(batch // group))
     out = parts[0].merged(*parts[1:], label=f"{sit.settings['model']} {phase} step")
     out.settings.update({"encoders": list(encoders) if aligns else [], "resolution": resolution,
@@ -471,7 +498,8 @@ def step_flops(config: Config, phase: str, world_size: int = 1) -> dict[str, Any
         name, phase, batch, encoders=config.encoder.names, resolution=config.encoder.resolution,
         warmup_depth=config.erw.warmup_depth, projector_dim=config.model.projector_dim, objective=a.objective,
         negatives=a.negatives, symmetric=a.symmetric, alignment_group=group,
-        class_token=config.class_token_in(phase), **overrides,
+        class_token=config.class_token_in(phase), projector=a.projector,
+        projector_kernel_size=a.projector_kernel_size, manifold=a.manifold_weight > 0, **overrides,
     )
     model = FlopBreakdown("model", batch, {k: v for k, v in b.components.items() if k.startswith(("sit.", "proj"))})
     return {

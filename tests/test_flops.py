@@ -137,6 +137,35 @@ def test_projector_alone() -> None:
     assert total == analytic.training() == 3 * fwd
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_projector_alone(k: int) -> None:
+    """iREPA's conv projector: k² times the MACs of a 1×1 conv, counted by FlopCounterMode forward and backward."""
+    torch.manual_seed(0)
+    proj = build_projector(96, 128, 40, kind="conv", kernel_size=k)
+    h = torch.randn(3, 16, 96, requires_grad=True)  # a 4×4 grid
+    fwd = counted(lambda: proj(h))
+    total = counted(lambda: proj(h).sum().backward())
+    analytic = F.projector_flops(96, batch=3, tokens=16, z_dims=[40], projector="conv", kernel_size=k)
+    assert fwd == analytic.forward() == 2 * 3 * 16 * 96 * 40 * k * k
+    assert total == analytic.training() == 3 * fwd
+    kwargs = dict(input_size=8, depth=2, hidden_size=64, num_heads=2, z_dims=[40], projector="conv",
+                  projector_kernel_size=k)
+    model = build_sit("SiT-S/2", encoder_depth=1, attn_backend="math", **kwargs)
+    x, t, y = _inputs(2, 8)
+    assert counted(lambda: model(x, t, y)) == F.sit_flops("SiT-S/2", batch=2, **kwargs).forward()
+
+
+def test_manifold_loss_flops() -> None:
+    """U-REPA's manifold loss: two T × T Grams per image; only the student's has a backward."""
+    from erw_fast.objectives.manifold import manifold_loss
+
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 16, 40, requires_grad=True), torch.randn(3, 16, 40)
+    analytic = F.alignment_flops(3, 16, [40], manifold=True).select("alignment.manifold")
+    assert counted(lambda: manifold_loss(p, t)) == analytic.forward() == 2 * 3 * 2 * 16 * 40 * 16
+    assert counted(lambda: manifold_loss(p, t).backward()) == analytic.training()
+
+
 # ------------------------------------------------------------------------------------------- encoders
 
 
