@@ -218,4 +218,12 @@ def test_erw_run_with_conv_projector_zscore_targets_and_manifold_loss(tmp_path, 
     assert loaded.kwargs["projector"] == "conv" and loaded.kwargs["projector_kernel_size"] == 3
     for key, value in exported["ema"].items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
-    json.dumps(loaded.kwargs)  # what protocol.json records of the model
+    from erw_fast.cli import sample
+
+    out_dir = tmp_path / "samples"
+    assert sample.main(["--ckpt", str(config.run_dir / "reference" / "0000008.pt"), "--out-dir", str(out_dir),
+                        "--num-samples", "2", "--batch-size", "2", "--num-steps", "2", "--vae", "toy"]) == 0
+    protocol = json.loads((out_dir / "protocol.json").read_text())
+    assert protocol["alignment"] == {"spnorm_method": "zscore", "zscore_alpha": 0.6, "manifold_weight": 3.0,
+                                     "projection_layer_type": "conv", "proj_kwargs_kernel_size": 3}
+    assert (protocol["model"]["projector"], protocol["model"]["projector_kernel_size"]) == ("conv", 3)
