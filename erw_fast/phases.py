@@ -132,11 +132,14 @@ class WarmupPhase(Phase):
              targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
         assert targets is not None
         cls_token = targets[0][:, 0] if self.class_token else None  # the clean CLS: t = 0
-        align = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets, self._alignment(keys),
-                            legacy_warmup_loss=self.legacy_loss, force_drop_ids=draw.drop_labels,
-                            cls_token=cls_token)
+        align, manifold = phase1_loss(model, batch["latents"][sl], batch["labels"][sl], targets,
+                                      self._alignment(keys), legacy_warmup_loss=self.legacy_loss,
+                                      force_drop_ids=draw.drop_labels, cls_token=cls_token, terms=True)
         loss = self.weight * align
-        return loss, {"loss": loss, "loss_align": align}
+        parts = {"loss": loss, "loss_align": align}
+        if manifold is not None:
+            parts["loss_manifold"] = manifold
+        return loss, parts
 
     def carry_into(self, weights: dict[str, torch.Tensor], model: nn.Module) -> TransferReport:
         return transfer_phase1_weights(weights, model, include_projectors=self.reuse_projector)

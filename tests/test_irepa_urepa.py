@@ -206,8 +206,8 @@ def test_erw_run_with_conv_projector_zscore_targets_and_manifold_loss(tmp_path, 
     assert "projectors=yes" in out  # the Phase-1 conv projector went into Phase 2
     records = read(config.run_dir)
     assert [r["phase"] for r in records] == ["warmup"] * 4 + ["full"] * 4
+    assert all(0 < r["loss_manifold"] <= 4 for r in records)  # logged unweighted in both phases
     for r in records[4:]:  # the manifold term rides on λ inside loss_align
-        assert 0 < r["loss_manifold"] <= 4
         assert r["loss"] == pytest.approx(r["loss_diffusion"] + r["lambda"] * r["loss_align"], rel=1e-5)
     exported = torch.load(config.run_dir / "reference" / "0000008.pt", weights_only=True)
     assert exported["model"]["projectors.0.projection_layer.weight"].shape == (192, 32, 3, 3)

@@ -110,11 +110,13 @@ def phase1_loss(
     legacy_warmup_loss: bool = False,
     force_drop_ids: torch.Tensor | None = None,
     cls_token: torch.Tensor | None = None,
-) -> torch.Tensor:
+    terms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """ERW Phase 1: the Phase-1 model on clean latents at t = 0, trained on the alignment loss alone.
 
     ``force_drop_ids`` (1 = drop the label) replaces the model's own label-dropout draw. ``cls_token``: the
-    clean class token of a class-token model (this project's extension of ERW's warmup to REG)."""
+    clean class token of a class-token model (this project's extension of ERW's warmup to REG). ``terms``: return
+    (the alignment value, U-REPA's unweighted manifold loss or None) as ``AlignmentObjective.terms``."""
     t = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
     extra = {} if cls_token is None else {"cls_token": cls_token}
     if force_drop_ids is None:
@@ -122,8 +124,9 @@ def phase1_loss(
     else:
         projs = model(latents, t, labels, force_drop_ids, **extra)
     if legacy_warmup_loss:
-        return legacy_warmup_cosine_loss(projs, encoder_features)
-    return alignment(projs, encoder_features)
+        legacy = legacy_warmup_cosine_loss(projs, encoder_features)
+        return (legacy, None) if terms else legacy
+    return alignment.terms(projs, encoder_features) if terms else alignment(projs, encoder_features)
 
 
 @dataclass
