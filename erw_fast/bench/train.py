@@ -231,7 +231,7 @@ def trainer_step(config: Config, phase_name: str, teacher: Any, device: torch.de
     plan = BatchPlan.derive(config, 1)
     backend = resolve_alignment_backend(config.alignment.backend, torch.empty(0, device=device))
     phase = next(p for p in plan_phases(config, teacher, backend) if p.name == phase_name)
-    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims)).to(device)
+    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims, alignment=config.alignment)).to(device)
     engine = LocalEngine(model, config, env, plan.accumulation)
     model.train()
     train_step = TrainStep.for_run(config, plan, env)
@@ -258,7 +258,7 @@ def reference_step(config: Config, phase_name: str, teacher: Any, device: torch.
     from erw_fast.runtime import autocast_context
 
     phase = next(p for p in plan_phases(config, teacher, "torch") if p.name == phase_name)
-    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims, "sdpa")).to(device).train()
+    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims, "sdpa", config.alignment)).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     o = config.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
