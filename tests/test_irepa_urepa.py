@@ -218,7 +218,13 @@ def test_erw_run_with_conv_projector_zscore_targets_and_manifold_loss(tmp_path, 
     assert loaded.kwargs["projector"] == "conv" and loaded.kwargs["projector_kernel_size"] == 3
     for key, value in exported["ema"].items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
+    from erw_fast.checkpoint import latest_checkpoint
     from erw_fast.cli import sample
+    from erw_fast.cli.export import export
+
+    # erw-export of the last trainer checkpoint records the conv projector's width as iREPA's SiT reads it.
+    again = torch.load(export(latest_checkpoint(config.run_dir), tmp_path / "exported")[0], weights_only=True)
+    assert again["args"]["projector_embed_dims"] == "192" and again["args"]["projection_layer_type"] == "conv"
 
     out_dir = tmp_path / "samples"
     assert sample.main(["--ckpt", str(config.run_dir / "reference" / "0000008.pt"), "--out-dir", str(out_dir),

@@ -5,6 +5,7 @@ DeepSpeed's shards are merged on the CPU with its own consolidation routine."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from erw_fast.checkpoint import load_checkpoint
 from erw_fast.cli import run_cli
 from erw_fast.config import config_from_dict
 from erw_fast.engines.deepspeed_files import trainer_checkpoint_weights
+
+_PROJECTOR_OUT = re.compile(r"projectors\.(\d+)\.(?:4|projection_layer)\.weight$")
 
 
 def export(path: Path, out_dir: Path | None) -> list[Path]:
@@ -21,7 +24,9 @@ def export(path: Path, out_dir: Path | None) -> list[Path]:
     config = config_from_dict(state["config"])
     weights = trainer_checkpoint_weights(path, state)
     model = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-    z_dims = [model[k].shape[0] for k in sorted(model) if k.startswith("projectors.") and k.endswith(".4.weight")]
+    # Each projector's last weight (REPA's MLP: .4, iREPA's conv: .projection_layer) has z rows; in index order.
+    last = {int(m.group(1)): v.shape[0] for k, v in model.items() if (m := _PROJECTOR_OUT.match(k))}
+    z_dims = [last[i] for i in sorted(last)]
     out_dir = out_dir or path.parent.parent / "reference"
     args = reference_args(config, z_dims, state["phase"])
     return export_consolidated(model, state["ema"], args, int(state["step"]), out_dir)
