@@ -66,6 +66,11 @@ def _sit_with_golden_projector(cfg: dict, g: dict, k: int) -> SiT:
     model = SiT(input_size=grid * patch, patch_size=patch, in_channels=4, hidden_size=cfg["hidden_size"], depth=1,
                 num_heads=4, num_classes=10, z_dims=[cfg["z_dim"]], encoder_depth=1, projector="conv",
                 projector_kernel_size=k)
+    # iREPA's constructor keywords build the same model (a conv named without a kernel has iREPA's default 3).
+    irepa = SiT(input_size=grid * patch, patch_size=patch, in_channels=4, hidden_size=cfg["hidden_size"], depth=1,
+                num_heads=4, num_classes=10, z_dims=[cfg["z_dim"]], encoder_depth=1, projection_layer_type="conv",
+                **({} if k == 3 else {"proj_kwargs_kernel_size": k}))
+    assert {n: v.shape for n, v in irepa.state_dict().items()} == {n: v.shape for n, v in model.state_dict().items()}
     sd = model.state_dict()
     ours = sorted(key for key in sd if key.startswith("projectors."))
     assert ours == ["projectors.0.projection_layer.bias", "projectors.0.projection_layer.weight"]

@@ -1,4 +1,5 @@
-"""SiT: a DiT-style transformer with adaLN-Zero blocks on VAE latents, plus REPA/ERW projectors.
+"""SiT: a DiT-style transformer with adaLN-Zero blocks on VAE latents, plus the alignment projectors (REPA's MLP
+or iREPA's conv, ``models/projectors.py``).
 
 Read top to bottom: blocks → the shared trunk (embedders, blocks, projectors) → the full model → the
 Phase-1 (L2R, "latent-to-representation") model that ERW's warmup builds → named configurations.
@@ -240,9 +241,11 @@ class SiT(_SiTTrunk):
     """The full SiT. ``forward(x, t, y) -> (v, [z per encoder])``; with a class token (``cls_token_dim``, REG)
     ``forward(x, t, y, cls_token=c) -> (v, [z per encoder], class-token velocity)``, each z over 1 + N tokens.
 
-    Accepts the reference constructor keywords (REPA's and REG's). ``decoder_hidden_size`` exists only for
-    compatibility: the reference builds the final layer at that width (768 by default), which breaks SiT-S and any
-    model whose hidden size is not 768 unless overridden; here it must equal ``hidden_size`` (or be left out).
+    Accepts the reference constructor keywords: REPA's, REG's, and iREPA's ``projection_layer_type`` /
+    ``proj_kwargs_kernel_size`` (its 'mlp' builds REPA's key layout here, not iREPA's ``projection_layer.*`` one).
+    ``decoder_hidden_size`` exists only for compatibility: the reference builds the final layer at that width (768
+    by default), which breaks SiT-S and any model whose hidden size is not 768 unless overridden; here it must equal
+    ``hidden_size`` (or be left out).
     """
 
     def __init__(
@@ -268,6 +271,7 @@ class SiT(_SiTTrunk):
         projector_kernel_size: int = 1,
         **reference_only: object,
     ) -> None:
+        projector, projector_kernel_size = _irepa_keywords(reference_only, projector, projector_kernel_size)
         _check_reference_only(reference_only)
         if decoder_hidden_size is not None and decoder_hidden_size != hidden_size:
             raise ValueError(
@@ -349,6 +353,7 @@ class SiTPhase1(_SiTTrunk):
         projector_kernel_size: int = 1,
         **reference_only: object,
     ) -> None:
+        projector, projector_kernel_size = _irepa_keywords(reference_only, projector, projector_kernel_size)
         _check_reference_only(reference_only)
         if not 1 <= warmup_depth <= depth:
             raise ValueError(f"warmup depth L must be in [1, depth={depth}], got {warmup_depth}")
@@ -381,6 +386,16 @@ class SiTPhase1(_SiTTrunk):
 
 # Keywords the reference constructor takes that change nothing here (its loss/path live elsewhere).
 _REFERENCE_NOOP_KWARGS = {"path_type", "use_cfg", "fused_attn"}
+
+
+def _irepa_keywords(kwargs: dict[str, object], projector: str, kernel_size: int) -> tuple[str, int]:
+    """iREPA's constructor names for the projector (``projection_layer_type``, ``proj_kwargs_kernel_size``), taken
+    out of ``kwargs``. As in iREPA's SiT, a conv named that way without a kernel has kernel 3."""
+    if "projection_layer_type" not in kwargs and "proj_kwargs_kernel_size" not in kwargs:
+        return projector, kernel_size
+    kind = str(kwargs.pop("projection_layer_type", projector))
+    kernel = int(str(kwargs.pop("proj_kwargs_kernel_size", 3)))
+    return kind, kernel
 
 
 def _check_reference_only(kwargs: dict[str, object]) -> None:
