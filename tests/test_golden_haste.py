@@ -185,6 +185,17 @@ def test_soft_cross_entropy_and_its_gradient_match_float64_autograd():
     assert flat.item() == pytest.approx(math.log(256), rel=1e-6)
 
 
+def test_backward_keeps_only_the_two_maps_as_they_came():
+    """What the documented memory figure rests on: autograd saves the student's and the teacher's logits in their
+    own dtype (bf16 under autocast) and nothing in fp32."""
+    s = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append((x.dtype, x.numel())) or x, lambda x: x):
+        soft_cross_entropy(s, t)
+    assert saved == [(torch.bfloat16, s.numel()), (torch.bfloat16, t.numel())]
+
+
 def test_the_pairs_are_averaged():
     torch.manual_seed(1)
     s = [torch.randn(2, 3, 5, 5) for _ in range(2)]
