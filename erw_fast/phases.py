@@ -214,6 +214,15 @@ class DiffusionPhase(Phase):
     def attention_weight(self, step: int) -> float | None:
         return self.attn_lam(step) if self.attn_lam is not None else None
 
+    def describe(self, device: torch.device) -> str:
+        text = super().describe(device)
+        if self.attn is not None:
+            a, stop = self.attn, self.attn_lam.zero_from
+            text += (f", HASTE attention distillation (SiT blocks {list(a.student_blocks)} ↔ teacher blocks "
+                     f"{list(a.teacher_blocks)}, {len(a.student_heads)} heads, weight {self.attn_lam(self.start)}"
+                     + (f", off from step {stop})" if stop is not None else ")"))
+        return text
+
     def _class_token_inputs(self, targets: Sequence[torch.Tensor] | None, draw: StepDraw,
                             dtype: torch.dtype) -> dict[str, Any]:
         return {}

@@ -388,3 +388,45 @@ def test_two_ranks_of_haste_match_one_process(tmp_path):
                 torch.testing.assert_close(ours[key][keys], value[keys], rtol=0, atol=1e-3, msg=f"{part} {key}")
                 ours[key][keys] = value[keys]
             torch.testing.assert_close(ours[key], value, rtol=0, atol=2e-5, msg=f"{part} {key}")
+
+
+@pytest.mark.slow
+def test_haste_on_reg_leaves_the_class_token_out_and_adds_its_term(tmp_path):
+    """REG + HASTE on the tiny CPU run: RegPhase takes the attention term; the teacher runs once (its maps come
+    with the targets); the loss is the weighted sum of its four parts, the attention part equal to a float64
+    recomputation from the maps (student maps over the 16 patch tokens, token 0 left out)."""
+    from _trainer_helpers import tiny_config
+
+    from erw_fast.encoders.teacher import load_teacher
+    from erw_fast.phases import RegPhase
+
+    config = tiny_config(tmp_path, "reg", "run.mode=reg", *HASTE_TINY)
+    teacher = load_teacher(config, torch.device("cpu"), 16, log=lambda _: None)
+    (phase,) = plan_phases(config, teacher, "torch")
+    assert isinstance(phase, RegPhase) and phase.attn.student_heads == (1, 0)
+    assert "HASTE attention distillation (SiT blocks [2, 3] ↔ teacher blocks [1, 2], 2 heads, weight 0.5, off " \
+           "from step 10)" in phase.describe(torch.device("cpu"))
+    model = phase.build_model(config.model.sit_kwargs(teacher.z_dims))
+    torch.manual_seed(0)
+    for p in model.parameters():  # adaLN-Zero starts every block as the identity: give it something to distil
+        p.data.add_(0.05 * torch.randn_like(p))
+    batch = {"latents": torch.randn(3, 4, 8, 8), "labels": torch.tensor([0, 1, 3]),
+             "images": torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)}
+    targets = phase.targets(batch, slice(None))
+    assert targets[0].shape == (3, 17, 192) and [m.shape for m in targets.attention] == [(3, 2, 16, 16)] * 2
+    draw = StepDraw(t=torch.rand(3), noise=torch.randn(3, 4, 8, 8), drop_labels=torch.tensor([0, 1, 0]),
+                    cls_noise=torch.randn(3, 192))
+    loss, parts = phase.loss(model, batch, slice(None), targets, draw, 6)
+    assert set(parts) == {"loss", "loss_diffusion", "loss_align", "loss_cls", "loss_attn"}
+    assert loss.item() == pytest.approx((parts["loss_diffusion"] + 0.5 * parts["loss_align"]
+                                         + config.reg.cls_weight * parts["loss_cls"]
+                                         + 0.5 * parts["loss_attn"]).item(), rel=1e-6)
+    x_t, _ = Interpolant("linear").interpolate(batch["latents"], draw.noise, draw.t)
+    cls_t, _ = Interpolant("linear").interpolate(targets[0][:, 0], draw.cls_noise, draw.t)
+    *_, maps = model(x_t, draw.t, batch["labels"], draw.drop_labels, cls_token=cls_t, attn_blocks=[2, 3],
+                     attn_heads=[1, 0])
+    expected = sum(-(t.double().softmax(-1) * s.double().log_softmax(-1)).sum(-1).mean()
+                   for s, t in zip(maps, targets.attention, strict=True)) / 2
+    assert rel_err(parts["loss_attn"], expected) <= 1e-6
+    _, after = phase.loss(model, batch, slice(None), targets, draw, 10)  # the stop step: no maps, no term
+    assert "loss_attn" not in after and phase.attention_weight(10) == 0.0
