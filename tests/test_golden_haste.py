@@ -92,6 +92,23 @@ def test_teacher_tokens_and_attention_logits_match_haste(haste, teacher_encoder)
         enc.attention_logits([13], [0]).__enter__()
 
 
+def test_teacher_maps_leave_out_registers_and_agree_with_timms_own_attention():
+    """A DINOv2 with 4 registers (5 prefix tokens): softmax of our patch-token logits equals timm's own attention
+    probabilities (its non-fused path, read where they enter attn_drop) restricted to the patch tokens and
+    renormalised."""
+    torch.manual_seed(0)
+    enc = load_encoder("dinov2-vit-s-reg", pretrained=False, model_kwargs={"depth": 2})
+    assert enc.model.num_prefix_tokens == 5
+    attn = enc.model.blocks[1].attn
+    attn.fused_attn, probs = False, []
+    attn.attn_drop.register_forward_hook(lambda m, args, out: probs.append(args[0]))
+    with enc.attention_logits([2], [4, 1]) as maps:
+        enc(torch.rand(1, 3, 256, 256) * 255)
+    assert maps[0].shape == (1, 2, 256, 256)
+    patches = probs[0][:, [4, 1], 5:, 5:].double()
+    assert rel_err(maps[0].double().softmax(-1), patches / patches.sum(-1, keepdim=True)) <= RTOL
+
+
 # ---------------------------------------------------------------------------------------------------- the student
 
 

@@ -40,7 +40,6 @@ class Teacher:
                              "--encoder-cls-token")
         return features if with_cls or not has_cls else features[:, 1:]
 
-
     def attention_logits(self, blocks: Sequence[int], heads: Sequence[int]
                          ) -> AbstractContextManager[list[torch.Tensor]]:
         """HASTE's teacher maps: while open, ``targets`` also appends the first encoder's attention logits of
