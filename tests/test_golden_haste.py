@@ -272,8 +272,11 @@ def test_training_step_matches_haste_from_the_recorded_draws(haste, teacher_enco
     loss, parts = phase.loss(engine.forward_module, batch, slice(None), targets, draw, 0)
     assert set(parts) == {"loss", "loss_diffusion", "loss_align", "loss_attn"}
     assert rel_err(parts["loss_diffusion"], g["loss_mean"]) <= RTOL
+    assert rel_err(parts["loss_diffusion"], g["denoising_loss"].mean()) <= RTOL
     assert rel_err(parts["loss_align"], g["proj_loss"]) <= RTOL
+    assert rel_err(parts["loss_align"], g["proj_loss_mean"]) <= RTOL
     assert rel_err(parts["loss_attn"], g["attn_loss"]) <= RTOL
+    assert rel_err(parts["loss_attn"], g["attn_loss_mean"]) <= RTOL
     assert rel_err(loss, g["total_loss"]) <= RTOL
     engine.backward(loss)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
