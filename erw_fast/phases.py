@@ -170,6 +170,9 @@ class DiffusionPhase(Phase):
         self.interpolant, self.encoder_depth, self.lam = interpolant, encoder_depth, lam
         if (attn is None) != (attn_lam is None) or (attn is not None and lam is None):
             raise ValueError("attention distillation needs both attn and attn_lam, and a phase that runs the teacher")
+        if attn is not None and alignment.wants_global_keys:  # the gathered keys carry no attention maps
+            raise ValueError("attention distillation takes the teacher's maps per micro-batch: use NT-Xent's local "
+                             "negatives scope")
         self.attn, self.attn_lam = attn, attn_lam
 
     def targets(self, batch: dict[str, torch.Tensor], sl: slice) -> list[torch.Tensor] | None:

@@ -213,6 +213,20 @@ def test_backward_keeps_only_the_two_maps_as_they_came():
     assert saved == [(torch.bfloat16, s.numel()), (torch.bfloat16, t.numel())]
 
 
+def test_log_softmax_stays_finite_where_the_references_log_of_softmax_does_not():
+    """A row whose logits spread over more than ~104 underflows softmax in fp32 (as autocast computes it): the
+    reference's log(softmax(·)) is then −inf there and the loss inf or NaN; log_softmax is finite."""
+    s = torch.tensor([[[[0.0, -120.0, 5.0, -200.0]]]])
+    t = torch.tensor([[[[1.0, 0.5, 0.0, -3.0]]]])
+    reference = -(t.softmax(-1) * torch.log(s.softmax(-1))).sum(-1).mean()
+    assert not torch.isfinite(reference)
+    ours = s.clone().requires_grad_()
+    loss = soft_cross_entropy(ours, t)
+    loss.backward()
+    expected = -(t.double().softmax(-1) * s.double().log_softmax(-1)).sum(-1).mean()
+    assert torch.isfinite(loss) and rel_err(loss, expected) <= 1e-6 and torch.isfinite(ours.grad).all()
+
+
 def test_the_pairs_are_averaged():
     torch.manual_seed(1)
     s = [torch.randn(2, 3, 5, 5) for _ in range(2)]
