@@ -141,8 +141,8 @@ class HasteConfig:
     student_heads: list[int] | None = None
     schedule: Literal["constant", "hard_stop", "cosine"] = "hard_stop"
     stop_step: int | None = None  # HASTE's --early-stop-point (250000 for SiT-XL/2)
-    # The student side is log_softmax, in fp32: in fp32 it gives the reference's log(softmax(·)) loss on its golden
-    # step bit for bit (gradients within 2e-7 relative), without its NaN under fp16; so no switch for that form.
+    # The student side is log_softmax, in fp32: it gives the reference's log(softmax(·)) loss on its golden step bit
+    # for bit (gradients within 2e-7 relative) without its −inf/NaN once a probability underflows; so no switch.
 
 
 @dataclass

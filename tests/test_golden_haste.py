@@ -144,6 +144,7 @@ class _Maps(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 def test_only_the_chosen_blocks_and_heads_materialise_maps(haste):
     """4 blocks × 12 heads of 16: four (2, 12, 256, 256) logit maps in the forward, nothing of the other blocks
     or heads; sdpa keeps its fused kernel (no 256×256 map of its own)."""
