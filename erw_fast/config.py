@@ -144,8 +144,8 @@ class HasteConfig:
     student_heads: list[int] | None = None
     schedule: Literal["constant", "hard_stop", "cosine"] = "hard_stop"
     stop_step: int | None = None  # HASTE's --early-stop-point (250000 for SiT-XL/2)
-    # log(softmax(·)) as the reference computes the student side (a NaN source under fp16) instead of log_softmax.
-    legacy_log_softmax: bool = False
+    # The student side is log_softmax, in fp32: it gives the reference's log(softmax(·)) loss on its golden step bit
+    # for bit (gradients within 2e-7 relative) without its −inf/NaN once a probability underflows; so no switch.
 
 
 @dataclass
@@ -500,6 +500,7 @@ def validate(config: Config) -> None:
             )
     _check_reg(config)
     _check_alignment_family(config)
+    _check_haste(config, depth)
     try:
         check_temperature(align.temperature)
     except ValueError as error:
@@ -555,6 +556,60 @@ def _check_reg(config: Config) -> None:
                           "has none (put an encoder with a class token, e.g. dinov2-vit-b, first)")
 
 
+def _check_haste(config: Config, depth: int) -> None:
+    """HASTE's keys against the run: it needs the online teacher, blocks and heads both models have, equal token
+    grids, and a stop step where its schedule needs one."""
+    from erw_fast.encoders.registry import get_encoder_spec, parse_encoder_names
+    from erw_fast.models.sit import SIT_SIZES, parse_model_name
+
+    h, mode = config.haste, config.run.mode
+    if not h.attn_weight > 0:
+        return
+    if mode == "sit":
+        raise ConfigError("haste.attn_weight: HASTE distils the teacher's attention, and run.mode=sit has no teacher")
+    if config.data.features:
+        raise ConfigError("haste.attn_weight: HASTE needs the online teacher's attention maps, which precomputed "
+                          "features (data.features=true) do not hold; set data.features=false")
+    a = config.alignment
+    if a.objective == "nt_xent" and a.negatives_scope == "global":
+        raise ConfigError("haste.attn_weight: HASTE takes the teacher's maps per micro-batch, not NT-Xent's "
+                          "global keys; set alignment.negatives_scope=local")
+    start = config.erw.warmup_steps if config.run.warmup else 0
+    if h.stop_step is None and h.schedule in ("hard_stop", "cosine"):
+        raise ConfigError(f"haste.stop_step: haste.schedule={h.schedule} needs it (HASTE stops at 250000 for "
+                          "SiT-XL/2)")
+    if h.stop_step is not None and h.stop_step <= start:
+        raise ConfigError(f"haste.stop_step: {h.stop_step} is not after the start of the diffusion phase (step "
+                          f"{start}), so the attention term would never run")
+    if len(h.student_blocks) != len(h.teacher_blocks) or not h.student_blocks:
+        raise ConfigError(f"haste.student_blocks {h.student_blocks} and haste.teacher_blocks {h.teacher_blocks} "
+                          "must pair up one to one")
+    if not all(1 <= b <= depth for b in h.student_blocks):
+        raise ConfigError(f"haste.student_blocks: {h.student_blocks} must be in [1, model depth {depth}]")
+    try:
+        spec = get_encoder_spec(parse_encoder_names(config.encoder.names)[0])
+        teacher_tokens = spec.num_patches(config.encoder.resolution)
+    except (ValueError, IndexError):
+        return  # an unknown encoder or resolution is reported where the encoders are checked
+    if not all(1 <= b <= spec.depth for b in h.teacher_blocks):
+        raise ConfigError(f"haste.teacher_blocks: {h.teacher_blocks} must be in [1, {spec.name}'s depth "
+                          f"{spec.depth}]")
+    size, patch = parse_model_name(config.model.name)
+    heads = config.model.num_heads or SIT_SIZES[size].num_heads
+    student = h.student_heads if h.student_heads is not None else list(range(spec.num_heads))
+    if len(set(student)) != len(student) or not 0 < len(student) <= spec.num_heads:
+        raise ConfigError(f"haste.student_heads: {h.student_heads} must be distinct, one per teacher head "
+                          f"0, 1, … (at most {spec.num_heads}, {spec.name}'s heads)")
+    if not all(0 <= x < heads for x in student):
+        raise ConfigError(f"haste.student_heads: {h.student_heads} must be student heads in [0, {heads})"
+                          + ("" if h.student_heads is not None else
+                             f" (unset: the first {spec.num_heads}, one per teacher head)"))
+    grid = config.model.input_size // (config.model.patch_size or patch)
+    if grid * grid != teacher_tokens:
+        raise ConfigError(f"haste.attn_weight: the student's {grid}×{grid} patch grid and {spec.name}'s "
+                          f"{teacher_tokens} patch tokens differ; the attention maps must have the same size")
+
+
 # Numeric ranges: (dotted key, whether a value is allowed, the rule, what the key means). None (an optional left
 # unset) always passes. Without these, 0 or a negative value failed only later: a ZeroDivisionError after step 1
 # (checkpoint.every, logging.log_every), an abort of a healthy run (train.max_nonfinite_steps), or was accepted.
@@ -573,6 +628,8 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str, str], ...] = (
     ("alignment.zscore_alpha", lambda v: 0 <= v <= 1, "in [0, 1]", "the share of the mean iREPA's z-score removes"),
     ("alignment.manifold_weight", lambda v: v >= 0, "≥ 0", "U-REPA's manifold-loss weight; 0 is off"),
     ("reg.cls_weight", lambda v: v >= 0, "≥ 0", "the weight of REG's class-token loss"),
+    ("haste.attn_weight", lambda v: v >= 0, "≥ 0", "the weight of HASTE's attention distillation"),
+    ("haste.stop_step", lambda v: v >= 1, "≥ 1", "the step from which HASTE's terms are off"),
     ("optim.lr", lambda v: v >= 0, "≥ 0", "the learning rate"),
     ("optim.weight_decay", lambda v: v >= 0, "≥ 0", "AdamW's weight decay"),
     ("optim.eps", lambda v: v > 0, "> 0", "AdamW's epsilon"),

@@ -23,16 +23,19 @@ import torch
 from torch import nn
 
 from erw_fast.config import Config
-from erw_fast.encoders.teacher import Teacher
+from erw_fast.encoders.teacher import Teacher, TeacherTargets
 from erw_fast.models import SiT, SiTPhase1, TransferReport, transfer_phase1_weights
 from erw_fast.objectives import (
     AlignmentObjective,
+    AttentionDistillation,
     ConstantLambda,
     ERWLambdaSchedule,
     Interpolant,
+    WeightSchedule,
     diffusion_loss,
     erw_c0_preset,
     phase1_loss,
+    weight_schedule,
 )
 from erw_fast.randomness import StepDraw
 
@@ -85,6 +88,10 @@ class Phase:
     def alignment_weight(self, step: int) -> float:
         """λ at ``step``, as logged (NaN where no λ weighs an alignment term)."""
         return float("nan")
+
+    def attention_weight(self, step: int) -> float | None:
+        """HASTE's attention-distillation weight at ``step`` (None: this phase has no such term)."""
+        return None
 
     def carry_into(self, weights: dict[str, torch.Tensor], model: nn.Module) -> TransferReport | None:
         """Hand this phase's final weights to the next phase's freshly built ``model``."""
@@ -157,14 +164,32 @@ class RegWarmupPhase(WarmupPhase):
 
 
 class DiffusionPhase(Phase):
-    """The full SiT: diffusion loss + λ(step)·alignment (``lam`` None: plain SiT, no alignment)."""
+    """The full SiT: diffusion loss + λ(step)·alignment (``lam`` None: plain SiT, no alignment), + HASTE's
+    attn_lam(step)·attention distillation (``attn``: which blocks and heads; None: off)."""
 
     def __init__(self, name: str, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
                  interpolant: Interpolant, encoder_depth: int,
-                 lam: ERWLambdaSchedule | ConstantLambda | None) -> None:
+                 lam: ERWLambdaSchedule | ConstantLambda | None, attn: AttentionDistillation | None = None,
+                 attn_lam: WeightSchedule | None = None) -> None:
         super().__init__(start, end, teacher, alignment)
         self.name, self.aligns = name, lam is not None
         self.interpolant, self.encoder_depth, self.lam = interpolant, encoder_depth, lam
+        if (attn is None) != (attn_lam is None) or (attn is not None and lam is None):
+            raise ValueError("attention distillation needs both attn and attn_lam, and a phase that runs the teacher")
+        if attn is not None and alignment.wants_global_keys:  # the gathered keys carry no attention maps
+            raise ValueError("attention distillation takes the teacher's maps per micro-batch: use NT-Xent's local "
+                             "negatives scope")
+        self.attn, self.attn_lam = attn, attn_lam
+
+    def targets(self, batch: dict[str, torch.Tensor], sl: slice) -> list[torch.Tensor] | None:
+        if self.attn is None:
+            return super().targets(batch, sl)
+        with self.teacher.attention_logits(self.attn.teacher_blocks, self.attn.teacher_heads) as maps:
+            features = super().targets(batch, sl)
+        if not maps:
+            raise ValueError("attention distillation: the teacher produced no attention maps (precomputed "
+                             "features cannot give them; HASTE needs the online teacher)")
+        return TeacherTargets(features, maps)
 
     def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
         return SiT(encoder_depth=self.encoder_depth, **self._model_kwargs(sit_kwargs))
@@ -176,7 +201,7 @@ class DiffusionPhase(Phase):
             model, latents, batch["labels"][sl], self.interpolant, encoder_features=targets,
             alignment=self._alignment(keys) if self.aligns else None, alignment_weight=self.alignment_weight(step),
             t=draw.t.to(latents.dtype), noise=draw.noise.to(latents.dtype), force_drop_ids=draw.drop_labels,
-            **self._class_token_inputs(targets, draw, latents.dtype),
+            **self._class_token_inputs(targets, draw, latents.dtype), **self._attention_inputs(targets, step),
         )
         parts = {"loss": out.loss, "loss_diffusion": out.diffusion}
         if out.alignment is not None:
@@ -185,7 +210,29 @@ class DiffusionPhase(Phase):
             parts["loss_manifold"] = out.manifold
         if out.cls is not None:
             parts["loss_cls"] = out.cls
+        if out.attn is not None:
+            parts["loss_attn"] = out.attn
         return out.loss, parts
+
+    def _attention_inputs(self, targets: Sequence[torch.Tensor] | None, step: int) -> dict[str, Any]:
+        """HASTE's inputs to the loss; none once its weight is 0 (the student's maps are then not computed)."""
+        weight = self.attention_weight(step)
+        if not weight:
+            return {}
+        assert isinstance(targets, TeacherTargets), "HASTE's teacher maps come with the targets"
+        return {"attention": self.attn, "teacher_attention": targets.attention, "attention_weight": weight}
+
+    def attention_weight(self, step: int) -> float | None:
+        return self.attn_lam(step) if self.attn_lam is not None else None
+
+    def describe(self, device: torch.device) -> str:
+        text = super().describe(device)
+        if self.attn is not None:
+            a, stop = self.attn, self.attn_lam.zero_from
+            text += (f", HASTE attention distillation (SiT blocks {list(a.student_blocks)} ↔ teacher blocks "
+                     f"{list(a.teacher_blocks)}, {len(a.student_heads)} heads, weight {self.attn_lam(self.start)}"
+                     + (f", off from step {stop})" if stop is not None else ")"))
+        return text
 
     def _class_token_inputs(self, targets: Sequence[torch.Tensor] | None, draw: StepDraw,
                             dtype: torch.dtype) -> dict[str, Any]:
@@ -205,9 +252,10 @@ class RegPhase(DiffusionPhase):
 
     def __init__(self, name: str, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
                  interpolant: Interpolant, encoder_depth: int, lam: ERWLambdaSchedule | ConstantLambda,
-                 cls_weight: float) -> None:
+                 cls_weight: float, attn: AttentionDistillation | None = None,
+                 attn_lam: WeightSchedule | None = None) -> None:
         super().__init__(name, start, end, teacher, alignment, interpolant=interpolant, encoder_depth=encoder_depth,
-                         lam=lam)
+                         lam=lam, attn=attn, attn_lam=attn_lam)
         self.cls_weight = cls_weight
 
     def _class_token_inputs(self, targets: Sequence[torch.Tensor] | None, draw: StepDraw,
@@ -227,7 +275,8 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
     total = c.train.total_steps
 
     def full(name: str, start: int, lam: ERWLambdaSchedule | ConstantLambda | None) -> DiffusionPhase:
-        common = dict(interpolant=Interpolant(c.diffusion.path_type), encoder_depth=a.encoder_depth, lam=lam)
+        common = dict(interpolant=Interpolant(c.diffusion.path_type), encoder_depth=a.encoder_depth, lam=lam,
+                      **_haste_term(c, start))
         if c.run.class_token:
             return RegPhase(name, start, total, teacher, alignment, cls_weight=c.reg.cls_weight, **common)
         return DiffusionPhase(name, start, total, teacher, alignment, **common)
@@ -243,3 +292,17 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
     if c.run.mode in ("repa", "reg"):
         return [full(c.run.mode, 0, ConstantLambda(a.weight))]
     return [full("sit", 0, None)]
+
+
+def _haste_term(c: Config, start: int) -> dict[str, Any]:
+    """HASTE's attention distillation for the diffusion phase beginning at ``start`` (ERW: Phase 2 only): the
+    block pairs, the student heads (default: the first H_teacher) and its weight over the steps."""
+    h = c.haste
+    if not h.attn_weight > 0:
+        return {}
+    from erw_fast.encoders.registry import get_encoder_spec, parse_encoder_names
+
+    teacher_heads = get_encoder_spec(parse_encoder_names(c.encoder.names)[0]).num_heads
+    heads = h.student_heads if h.student_heads is not None else range(teacher_heads)
+    attn = AttentionDistillation(tuple(h.student_blocks), tuple(h.teacher_blocks), tuple(heads))
+    return {"attn": attn, "attn_lam": weight_schedule(h.schedule, h.attn_weight, start=start, stop_step=h.stop_step)}

@@ -126,6 +126,9 @@ class TrainStep:
         totals["skipped"] = self.skips.record(outcome.applied).float()
         totals["grad_norm"] = outcome.grad_norm
         totals["lambda"] = torch.tensor(phase.alignment_weight(step))
+        attn_weight = phase.attention_weight(step)
+        if attn_weight is not None:  # HASTE's attention-distillation weight
+            totals["lambda_attn"] = torch.tensor(attn_weight)
         self.last = totals
         return totals
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from erw_fast.models.attention import attention_logits
 
 from .checkpoints import (
     EncoderWeightsError,
@@ -157,6 +161,47 @@ class Encoder(nn.Module):
             # A final LayerNorm runs in fp32 under autocast; hand back the autocast dtype consistently.
             tokens = tokens.to(autocast_dtype)
         return tokens
+
+
+    @contextmanager
+    def attention_logits(self, blocks: Sequence[int], heads: Sequence[int]) -> Iterator[list[torch.Tensor]]:
+        """While open, every forward appends to the yielded list, per block of ``blocks`` (from 1, in that
+        order), the attention logits (q·scale)·kᵀ of ``heads`` over the patch tokens (CLS and register rows and
+        columns left out), (B, len(heads), N, N), in the compute dtype: HASTE's teacher maps. Forward hooks on
+        each block's ``attn.qkv`` read q and k from timm's own code path (its q_norm / k_norm applied); the
+        block's output is unchanged and nothing else is kept."""
+        attns = [self._attention_of(b) for b in blocks]
+        heads = list(heads)
+        if not heads or not all(0 <= h < attns[0].num_heads for h in heads):
+            raise ValueError(f"{self.name}: heads {heads} must be non-empty and in [0, {attns[0].num_heads})")
+        skip = int(self.model.num_prefix_tokens)
+        found: list[torch.Tensor] = []
+        pending: dict[int, torch.Tensor] = {}
+
+        def hook(index: int, attn: nn.Module, module: nn.Module, args: object, qkv: torch.Tensor) -> None:
+            B, T, _ = qkv.shape
+            q, k, _v = qkv.reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            pending[index] = attention_logits(attn.q_norm(q), attn.k_norm(k), heads, skip)
+            if len(pending) == len(attns):  # the last chosen block of this forward
+                found.extend(pending.pop(i) for i in range(len(attns)))
+
+        handles = [attn.qkv.register_forward_hook(partial(hook, i, attn)) for i, attn in enumerate(attns)]
+        try:
+            yield found
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _attention_of(self, block: int) -> nn.Module:
+        blocks = getattr(self.model, "blocks", None)
+        if blocks is None or not 1 <= block <= len(blocks):
+            depth = 0 if blocks is None else len(blocks)
+            raise ValueError(f"{self.name} has {depth} blocks: attention block {block} (counted from 1) is not one")
+        attn = getattr(blocks[block - 1], "attn", None)
+        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "q_norm", "k_norm")):
+            raise ValueError(f"{self.name}: block {block}'s attention is not timm's fused-qkv Attention; its "
+                             "attention logits cannot be read")
+        return attn
 
 
 # -- loading -----------------------------------------------------------------------------------------------

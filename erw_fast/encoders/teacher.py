@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -44,6 +45,23 @@ class Teacher:
                              f"{patches} patch tokens that REG needs: prepare the data with erw-prepare "
                              "--encoder-cls-token")
         return features if with_cls or not has_cls else features[:, 1:]
+
+    def attention_logits(self, blocks: Sequence[int], heads: Sequence[int]
+                         ) -> AbstractContextManager[list[torch.Tensor]]:
+        """HASTE's teacher maps: while open, ``targets`` also appends the first encoder's attention logits of
+        ``blocks`` (from 1) and ``heads`` over its patch tokens to the yielded list (``Encoder.attention_logits``)."""
+        if not self.encoders:
+            raise ValueError("attention distillation needs the online teacher: this run has no encoder")
+        return self.encoders[0].attention_logits(blocks, heads)
+
+
+class TeacherTargets(list):
+    """The alignment targets (a list, one tensor per encoder) and, for HASTE, the teacher's attention logits of
+    the distilled blocks (``attention``, in the order of the blocks)."""
+
+    def __init__(self, features: Sequence[torch.Tensor], attention: list[torch.Tensor]) -> None:
+        super().__init__(features)
+        self.attention = attention
 
 
 def target_norm(alignment: AlignmentConfig) -> TargetNorm:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +128,32 @@ class Attention(nn.Module):
         self.backend = resolve_attention_backend(backend)
         self._kernel = _KERNELS[self.backend]
 
-    def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: nn.Module | None = None,
+                logit_heads: Sequence[int] | None = None, skip_tokens: int = 0,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``logit_heads``: also return the attention logits (q·scale)·kᵀ of these heads, (B, len, T', T') with
+        T' = T − ``skip_tokens`` (the leading tokens' rows and columns left out), for HASTE's distillation. The
+        output itself still comes from the backend's kernel."""
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        out = self._kernel(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+        out = self.proj(self._kernel(q, k, v).transpose(1, 2).reshape(B, T, C))
+        if logit_heads is None:
+            return out
+        return out, attention_logits(q, k, logit_heads, skip_tokens)
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, heads: Sequence[int], skip_tokens: int = 0) -> torch.Tensor:
+    """(q·scale)·kᵀ, scale = head_dim^−½ (the order of HASTE's reference), for ``heads`` of (B, H, T, hd) q and k,
+    without the first ``skip_tokens`` queries and keys. Only these heads' maps are materialised."""
+    heads = list(heads)
+    if heads == list(range(heads[0], heads[0] + len(heads))):  # a run of heads: a view, no gather
+        q, k = q[:, heads[0] : heads[0] + len(heads)], k[:, heads[0] : heads[0] + len(heads)]
+    else:
+        index = torch.tensor(heads, device=q.device)
+        q, k = q.index_select(1, index), k.index_select(1, index)
+    q, k = q[:, :, skip_tokens:], k[:, :, skip_tokens:]
+    return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)

@@ -58,11 +58,17 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None,
+                logit_heads: Sequence[int] | None = None, skip_tokens: int = 0,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``logit_heads``: also return those heads' attention logits (see ``Attention.forward``)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        attended = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, logit_heads, skip_tokens)
+        if logit_heads is not None:
+            attended, logits = attended
+        x = x + gate_msa.unsqueeze(1) * attended
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return x if logit_heads is None else (x, logits)
 
 
 class FinalLayer(nn.Module):
@@ -307,18 +313,41 @@ class SiT(_SiTTrunk):
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
-        cls_token: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        cls_token: torch.Tensor | None = None, attn_blocks: Sequence[int] | None = None,
+        attn_heads: Sequence[int] | None = None,
+    ) -> tuple:
+        """(v, zs), with a class token (v, zs, class-token velocity); with ``attn_blocks`` (blocks from 1) one more
+        element last: those blocks' attention logits (q·scale)·kᵀ after QK-norm and RoPE, (N, heads, P, P) over
+        the P patch tokens (a class token's row and column left out), of ``attn_heads`` (default: all), in the
+        order of ``attn_blocks`` (HASTE's distillation). The other blocks keep their fused kernel untouched."""
         h, c = self.embed(x, t, y, force_drop_ids, cls_token)
+        capture = self._logit_capture(attn_blocks, attn_heads)
+        maps: dict[int, torch.Tensor] = {}
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            h = block(h, c, self.feat_rope)
+            if i in capture:
+                h, maps[i] = block(h, c, self.feat_rope, capture[i], self.num_prefix_tokens)
+            else:
+                h = block(h, c, self.feat_rope)
             if i + 1 == self.encoder_depth:
                 zs = self.project(h)
         if self.cls_token_dim is None:
-            return self.unpatchify(self.final_layer(h, c)), zs
-        patches, cls_out = self.final_layer(h, c)
-        return self.unpatchify(patches), zs, cls_out
+            out: tuple = (self.unpatchify(self.final_layer(h, c)), zs)
+        else:
+            patches, cls_out = self.final_layer(h, c)
+            out = (self.unpatchify(patches), zs, cls_out)
+        return out if attn_blocks is None else (*out, [maps[b - 1] for b in attn_blocks])
+
+    def _logit_capture(self, blocks: Sequence[int] | None, heads: Sequence[int] | None) -> dict[int, list[int]]:
+        """{block index from 0: the heads whose logits it returns}, checked against the model."""
+        if blocks is None:
+            return {}
+        heads = list(range(self.num_heads)) if heads is None else list(heads)
+        if not heads or not all(0 <= h < self.num_heads for h in heads):
+            raise ValueError(f"attn_heads {heads} must be non-empty and in [0, {self.num_heads})")
+        if not all(1 <= b <= len(self.blocks) for b in blocks):
+            raise ValueError(f"attn_blocks {list(blocks)} must be in [1, {len(self.blocks)}] (counted from 1)")
+        return {b - 1: heads for b in blocks}
 
 
 class SiTPhase1(_SiTTrunk):

@@ -7,6 +7,7 @@ from erw_fast.objectives.alignment import (
     repa_cosine_loss,
     resolve_alignment_backend,
 )
+from erw_fast.objectives.attention_distill import AttentionDistillation, soft_cross_entropy
 from erw_fast.objectives.interpolants import PATH_TYPES, TIME_WEIGHTINGS, Interpolant
 from erw_fast.objectives.losses import (
     ALIGNMENT_OBJECTIVES,
@@ -38,6 +39,7 @@ __all__ = [
     "PATH_TYPES",
     "TIME_WEIGHTINGS",
     "AlignmentObjective",
+    "AttentionDistillation",
     "ConstantLambda",
     "CosineToZero",
     "DiffusionLossOutput",
@@ -52,6 +54,7 @@ __all__ = [
     "nt_xent_loss",
     "phase1_loss",
     "repa_cosine_loss",
+    "soft_cross_entropy",
     "resolve_alignment_backend",
     "weight_schedule",
 ]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from erw_fast.kernels._utils import check_temperature
 from erw_fast.objectives.alignment import NEGATIVE_SETS, nt_xent_loss, repa_cosine_loss
+from erw_fast.objectives.attention_distill import AttentionDistillation
 from erw_fast.objectives.interpolants import Interpolant
 from erw_fast.objectives.manifold import manifold_loss
 
@@ -136,6 +137,7 @@ class DiffusionLossOutput:
     alignment: torch.Tensor | None
     cls: torch.Tensor | None = None  # REG: the class token's velocity MSE (unweighted)
     manifold: torch.Tensor | None = None  # U-REPA: the manifold loss (unweighted; inside ``alignment`` with its w)
+    attn: torch.Tensor | None = None  # HASTE: the attention distillation loss (unweighted)
 
 
 def diffusion_loss(
@@ -155,6 +157,9 @@ def diffusion_loss(
     cls_token: torch.Tensor | None = None,
     cls_noise: torch.Tensor | None = None,
     cls_weight: float = 0.0,
+    attention: AttentionDistillation | None = None,
+    teacher_attention: Sequence[torch.Tensor] | None = None,
+    attention_weight: float = 0.0,
 ) -> DiffusionLossOutput:
     """v-prediction MSE at t drawn from ``time_weighting`` (+ λ·alignment when features are given).
 
@@ -164,7 +169,10 @@ def diffusion_loss(
 
     REG (``cls_token``, the teacher's clean CLS, (B, Dc)): it is noised with the same path and t as the latent
     (``cls_noise``, drawn after the latent noise when not given), the model predicts its velocity from token 0,
-    and ``cls_weight`` · the per-sample mean over Dc of its squared error, averaged over the batch, is added."""
+    and ``cls_weight`` · the per-sample mean over Dc of its squared error, averaged over the batch, is added.
+
+    HASTE (``attention`` with the teacher's maps ``teacher_attention``): the model also returns the attention
+    logits of the distilled blocks and heads, and ``attention_weight`` · their soft cross-entropy is added."""
     if t is None:
         t = interpolant.sample_time(
             latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
@@ -173,14 +181,17 @@ def diffusion_loss(
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
     x_t, target = interpolant.interpolate(latents, noise, t)
     extra = () if force_drop_ids is None else (force_drop_ids,)
+    maps = {} if attention is None else {"attn_blocks": attention.student_blocks,
+                                         "attn_heads": attention.student_heads}
     if cls_token is None:
-        prediction, projs = model(x_t, t, labels, *extra)
+        prediction, projs, *student_attention = model(x_t, t, labels, *extra, **maps)
     else:
         if cls_noise is None:
             cls_noise = torch.randn(cls_token.shape, device=cls_token.device, dtype=cls_token.dtype,
                                     generator=generator)
         cls_t, cls_target = interpolant.interpolate(cls_token, cls_noise, t)
-        prediction, projs, cls_prediction = model(x_t, t, labels, *extra, cls_token=cls_t)
+        prediction, projs, cls_prediction, *student_attention = model(x_t, t, labels, *extra, cls_token=cls_t,
+                                                                       **maps)
     diffusion = mean_flat((prediction.float() - target.float()) ** 2).mean()
     loss, align, cls, manifold = diffusion, None, None, None
     if encoder_features is not None and alignment is not None:
@@ -189,4 +200,10 @@ def diffusion_loss(
     if cls_token is not None:
         cls = mean_flat((cls_prediction.float() - cls_target.float()) ** 2).mean()
         loss = loss + cls_weight * cls
-    return DiffusionLossOutput(loss, diffusion, align, cls, manifold)
+    attn = None
+    if attention is not None:
+        if teacher_attention is None:
+            raise ValueError("attention distillation needs the teacher's attention maps (teacher_attention=)")
+        attn = attention(student_attention[0], teacher_attention)
+        loss = loss + attention_weight * attn
+    return DiffusionLossOutput(loss, diffusion, align, cls, manifold, attn)
