@@ -39,7 +39,7 @@ from erw_fast.models import describe_attention_backend
 from erw_fast.monitor import TrainingMonitor
 from erw_fast.objectives import resolve_alignment_backend
 from erw_fast.phases import Phase, plan_phases
-from erw_fast.reporting import progress_bar, report_run
+from erw_fast.reporting import log_line, progress_bar, report_run, use_progress_bar
 from erw_fast.resume_checks import apply_optimizer_settings, branch_from, finished_run, load_resume_state
 from erw_fast.run_lock import run_dir_lock
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
@@ -240,13 +240,7 @@ class Trainer:
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
                  f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
-        metrics = None
-        if self.env.is_main:
-            metrics = MetricsWriter(
-                self.run_dir / "metrics.jsonl", resume_step=step,
-                tensorboard_dir=self.run_dir / "tb" if c.logging.tensorboard else None,
-                wandb_project=c.logging.wandb_project if c.logging.wandb else None, run_name=c.run.name,
-                config=c.to_dict())
+        metrics = MetricsWriter.for_run(c, step) if self.env.is_main else None  # + TensorBoard / W&B
         self._steps_left = c.train.max_steps_per_run
         # Handled through the final save and export too: a signal then is noted, and the run still completes.
         with self._stop_signals:
@@ -274,7 +268,12 @@ class Trainer:
     def _run_phase(self, phase: Phase, step: int, metrics: MetricsWriter | None) -> int:
         c = self.config
         stats = self.stats[phase.name]
-        progress = progress_bar(phase, step) if self.env.is_main and c.logging.progress else None
+        index = next(i for i, p in enumerate(self.phases) if p is phase)
+        if metrics is not None and index > 0 and step == phase.start:  # the switch step itself, not the next log
+            metrics.phase_switch(step, self.phases[index - 1].name, phase.name, index)
+        # A bar on a terminal; in a log file (SLURM) or with logging.progress off, one plain line per logging step.
+        bar = self.env.is_main and use_progress_bar(c.logging.progress)
+        progress = progress_bar(phase, step) if bar else None
         self.model.train()
         window = LogWindow(self.batch.global_batch)
         while step < phase.end:
@@ -298,12 +297,15 @@ class Trainer:
                 elapsed, rates = window.close(self.device)
                 stats.wall_s += elapsed
                 means = global_means(totals, self.env.world_size, self.device, self._stop_signals)
-                record = {"step": step, "phase": phase.name, **means, "lr": self.engine.lr(), **rates}
+                record = {"step": step, "phase": phase.name, "phase_index": index, **means, "lr": self.engine.lr(),
+                          **rates}
                 stats.final_loss = record["loss"]
                 if metrics is not None:
                     metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                else:
+                    self.log(log_line(record, self.phases[-1].end))
             if progress is not None:
                 progress.update(1)
             if self._steps_left is not None:
@@ -311,7 +313,7 @@ class Trainer:
             if phase.monitored and self.monitor.due(step):
                 ema_model = self.engine.ema_module()  # every rank takes part (a gather under ZeRO)
                 if self.env.is_main:  # one writer for the sample grids and monitor.jsonl
-                    result = self.monitor(step, ema_model, self.teacher.encoders, self.log)
+                    result = self.monitor(step, ema_model, self.teacher.encoders, self.log, sink=metrics)
                     if result:
                         self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:
