@@ -77,9 +77,10 @@ class WandbSink:
 
         self._wandb = wandb
         # Its files go beside the run's own unless WANDB_DIR says otherwise (wandb's default is the working dir).
-        where = {} if os.environ.get("WANDB_DIR") else {"dir": str(run_dir)}
+        # Passed explicitly: wandb reads the environment once per process, at its first init.
+        where = os.environ.get("WANDB_DIR") or str(run_dir)
         self._run = wandb.init(project=project, name=name, config=config, id=wandb_run_id(run_dir),
-                               resume="allow", allow_val_change=True, **where)
+                               resume="allow", allow_val_change=True, dir=where)
 
     @property
     def run_id(self) -> str:

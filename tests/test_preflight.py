@@ -109,8 +109,10 @@ CASES = [
     ("ds-not-json", _ds_json("{stage: 2"), None, "ds.json: not valid JSON"),
     ("ds-missing", ["engine.deepspeed_config=/missing/ds.json"], None, "DeepSpeed config not found"),
     ("no-tensorboard", ["logging.tensorboard=true"], "tensorboard",
-     "logging.tensorboard: TensorBoard logging needs the tensorboard package"),
-    ("no-wandb", ["logging.wandb=true"], "wandb", "logging.wandb: W&B logging needs the wandb package"),
+     "logging.tensorboard: TensorBoard logging needs the tensorboard package, which is not installed (pip install "
+     "'erw-fast[tb]'"),
+    ("no-wandb", ["logging.wandb=true"], "wandb",
+     "logging.wandb: W&B logging needs the wandb package, which is not installed (pip install 'erw-fast[wandb]'"),
     ("no-dali", _shards("data.kind=dali"), "nvidia.dali", "data.kind: the DALI loader needs the nvidia.dali package"),
     ("no-triton", ["alignment.backend=triton"], "triton", "alignment.backend: the Triton alignment backend needs"),
     ("no-deepspeed", ["engine.kind=deepspeed"], "deepspeed", "engine.kind: the DeepSpeed engine needs the deepspeed"),
