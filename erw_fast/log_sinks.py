@@ -41,7 +41,7 @@ class TensorBoardSink:
 
         # A resumed run re-logs the steps after its checkpoint: TensorBoard drops the earlier invocation's events
         # from resume_step + 1 on (metrics.jsonl keeps the records up to resume_step the same way).
-        purge = resume_step + 1 if resume_step else None
+        purge = resume_step + 1 if resume_step is not None else None
         self._writer = SummaryWriter(str(log_dir), purge_step=purge)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
