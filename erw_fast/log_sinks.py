@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from erw_fast.atomic import atomic_write_text
+from erw_fast.config import ConfigError
 
 WANDB_ID_FILE = "wandb_id"
 
@@ -79,8 +80,13 @@ class WandbSink:
         # Its files go beside the run's own unless WANDB_DIR says otherwise (wandb's default is the working dir).
         # Passed explicitly: wandb reads the environment once per process, at its first init.
         where = os.environ.get("WANDB_DIR") or str(run_dir)
-        self._run = wandb.init(project=project, name=name, config=config, id=wandb_run_id(run_dir),
-                               resume="allow", allow_val_change=True, dir=where)
+        try:
+            self._run = wandb.init(project=project, name=name, config=config, id=wandb_run_id(run_dir),
+                                   resume="allow", allow_val_change=True, dir=where)
+        except wandb.errors.Error as error:  # e.g. no API key: one line, not a traceback from inside wandb
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"logging.wandb: W&B did not start: {first} (run `wandb login` or set WANDB_API_KEY; "
+                              "WANDB_MODE=offline logs without an account; or set logging.wandb=false)") from error
 
     @property
     def run_id(self) -> str:

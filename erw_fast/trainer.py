@@ -234,13 +234,14 @@ class Trainer:
         if self.env.is_main:  # the resume holds (a refused one, or an engine that refuses it, changed nothing)
             branch_from(c, source, self.log)  # a rollback (or over): newer checkpoints moved aside, kept
             dump_config(c, self.run_dir / "config.yaml")  # atomic
+        # Before the loader: a tracker that cannot start (no W&B login) is a config error, not a leaked loader.
+        metrics = MetricsWriter.for_run(c, step) if self.env.is_main else None  # + TensorBoard / W&B
 
         self.loader = self._build_loader(step)
         self.loader.restore_skip_count(self._skips_at_resume)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
                  f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
-        metrics = MetricsWriter.for_run(c, step) if self.env.is_main else None  # + TensorBoard / W&B
         self._steps_left = c.train.max_steps_per_run
         # Handled through the final save and export too: a signal then is noted, and the run still completes.
         with self._stop_signals:

@@ -87,13 +87,27 @@ def numeric(record: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_trackers_hold_the_scalars_grids_and_monitors(tmp_path, monkeypatch):
-    from erw_fast.evaluation.inception import build_fid_inception
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, its files under tmp_path/wandb_dir; wandb reads the environment once per process, so its
+    process-wide state is reset around the test."""
+    import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+
+@pytest.mark.slow
+def test_trackers_hold_the_scalars_grids_and_monitors(tmp_path, offline_wandb):
+    import matplotlib.image
+
+    from erw_fast.evaluation.inception import build_fid_inception
+
     inception = tmp_path / "inception.pt"  # offline: a random network in the real format
     torch.save(build_fid_inception(pretrained=False, seed=0).net.state_dict(), inception)
     config = tiny_config(tmp_path, "tracked", "logging.tensorboard=true", "logging.wandb=true", *MONITORS,
@@ -117,8 +131,6 @@ def test_trackers_hold_the_scalars_grids_and_monitors(tmp_path, monkeypatch):
         images = {e.step: e for e in acc.Images(tag)}
         assert sorted(images) == [7, 14], tag
         for step, event in images.items():
-            import matplotlib.image
-
             tb_pixels = matplotlib.image.imread(io.BytesIO(event.encoded_image_string), format="png")
             png = matplotlib.image.imread(config.run_dir / "samples" / f"step_{step:07d}{suffix}.png")
             assert np.array_equal(tb_pixels[..., :3], png[..., :3]), (tag, step)
@@ -148,14 +160,11 @@ def test_trackers_hold_the_scalars_grids_and_monitors(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_resumed_run_keeps_one_history_and_one_wandb_run(tmp_path, monkeypatch):
+def test_resumed_run_keeps_one_history_and_one_wandb_run(tmp_path, monkeypatch, offline_wandb):
     """Killed after 11 steps (checkpoint at 8): steps 9-11 are logged twice. TensorBoard keeps the resumed values
     only (purge_step), W&B resumes the stored run id."""
     from test_trainer import Killed, kill_after
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     extra = ("logging.tensorboard=true", "logging.wandb=true")
     with monkeypatch.context() as patch:
         kill_after(patch, 11)
@@ -263,3 +272,23 @@ def test_phase_switch_marker_sits_at_the_switch_step():
     # log_every=4 with the warmup ending at 6: the warmup logs 4 and 6, the full phase 10, 14.
     records = [{"step": s, "phase": "warmup" if s <= 6 else "full", "loss": 1.0} for s in (4, 6, 10, 14)]
     assert phase_switches(records) == [(6.0, "full")]
+
+
+def test_wandb_without_a_login_is_one_config_error(tmp_path, monkeypatch):
+    import wandb
+
+    from erw_fast.config import ConfigError
+    from erw_fast.log_sinks import WandbSink
+
+    for name in ("WANDB_API_KEY", "NETRC", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    wandb.teardown()  # wandb reads the environment once per process
+    try:
+        with pytest.raises(ConfigError, match=r"^logging\.wandb: W&B did not start: .*API key.*WANDB_MODE=offline"):
+            WandbSink(tmp_path, "erw_fast", "no-login")
+    finally:
+        wandb.teardown()
+    assert (tmp_path / WANDB_ID_FILE).is_file()  # kept for the next invocation
