@@ -62,6 +62,7 @@ CASES = [
     ("every-0", ["checkpoint.every=0"], None, "checkpoint.every: must be ≥ 1, got 0"),
     ("every-negative", ["checkpoint.every=-4"], None, "checkpoint.every: must be ≥ 1, got -4"),
     ("log-every-0", ["logging.log_every=0"], None, "logging.log_every: must be ≥ 1, got 0"),
+    ("sample-cfg-below-1", ["logging.sample_cfg_scale=0.5"], None, "logging.sample_cfg_scale: must be ≥ 1, got 0.5"),
     ("nonfinite-0", ["train.max_nonfinite_steps=0"], None, "train.max_nonfinite_steps: must be ≥ 1, got 0"),
     ("steps-per-run-0", ["train.max_steps_per_run=0"], None, "train.max_steps_per_run: must be ≥ 1"),
     ("negative-lr", ["optim.lr=-1e-4"], None, "optim.lr: must be ≥ 0"),
