@@ -140,6 +140,10 @@ def test_trackers_hold_the_scalars_grids_and_monitors(tmp_path, offline_wandb):
             assert tb_scalars(acc, f"cknna/block_{block:02d}")[step] == pytest.approx(value, abs=1e-6)
         assert tb_scalars(acc, "cknna/max")[step] == pytest.approx(max(values), abs=1e-6)
     assert tb_scalars(acc, "phase_switch") == {6: 1.0}  # ERW's switch step (erw.warmup_steps=6), not step 8
+    from tensorboard.util.tensor_util import make_ndarray
+
+    [text] = acc.Tensors("phase_switch_text/text_summary")
+    assert text.step == 6 and make_ndarray(text.tensor_proto).item().decode() == "step 6: warmup → full"
     assert tb_scalars(acc, "phase_index") == {r["step"]: float(r["step"] > 6) for r in records}
 
     # W&B (offline): the same history, the grids as images, the run id of <run_dir>/wandb_id.
