@@ -233,8 +233,8 @@ class DataConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = 10
-    # A tqdm bar on stderr when stderr is a terminal; otherwise (a SLURM log file, a pipe) or when false, one
-    # plain line per logging step on stdout: step/total, phase, loss parts, λ, img/s, ETA.
+    # A tqdm bar on stderr when stdout and stderr are terminals; otherwise (a SLURM log file, a pipe) or when false,
+    # one plain line per logging step on stdout: step/total, phase, loss parts, λ, img/s, ETA.
     progress: bool = True
     tensorboard: bool = False  # <run_dir>/tb; needs the tb extra
     wandb: bool = False  # needs the wandb extra; the run id is kept in <run_dir>/wandb_id so a resume continues it

@@ -226,12 +226,15 @@ def progress_bar(phase: Any, step: int) -> Any:
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def use_progress_bar(enabled: bool, stream: Any = None) -> bool:
-    """Whether to draw the bar: logging.progress, and only on a terminal. In a file (a SLURM log) or a pipe its
-    ``\\r`` redraws pile up into one unreadable line; the trainer prints ``log_line``s there instead."""
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    return enabled and callable(isatty) and bool(isatty())
+def use_progress_bar(enabled: bool, *streams: Any) -> bool:
+    """Whether to draw the bar: logging.progress, and only when the bar's stream (stderr) and the log's (stdout, or
+    the ``streams`` given) are terminals. In a file (a SLURM log) or a pipe its ``\\r`` redraws pile up into one
+    unreadable line; the trainer prints ``log_line``s there instead."""
+    def tty(stream: Any) -> bool:
+        isatty = getattr(stream, "isatty", None)
+        return callable(isatty) and bool(isatty())
+
+    return enabled and all(tty(s) for s in (streams or (sys.stderr, sys.stdout)))
 
 
 def _duration(seconds: float) -> str:

@@ -273,7 +273,7 @@ class Trainer:
         if metrics is not None and index > 0 and step == phase.start:  # the switch step itself, not the next log
             metrics.phase_switch(step, self.phases[index - 1].name, phase.name, index)
         # A bar on a terminal; in a log file (SLURM) or with logging.progress off, one plain line per logging step.
-        bar = self.env.is_main and use_progress_bar(c.logging.progress)
+        bar = self.env.is_main and use_progress_bar(c.logging.progress, sys.stderr, self.out or sys.stdout)
         progress = progress_bar(phase, step) if bar else None
         self.model.train()
         window = LogWindow(self.batch.global_batch)

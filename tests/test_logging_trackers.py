@@ -268,8 +268,10 @@ def test_progress_bar_only_on_a_terminal():
         def isatty(self):
             return self.tty
 
-    assert use_progress_bar(True, Stream(True))
-    assert not use_progress_bar(True, Stream(False)) and not use_progress_bar(False, Stream(True))
+    bar, log = Stream(True), Stream(True)
+    assert use_progress_bar(True, bar, log) and not use_progress_bar(False, bar, log)
+    assert not use_progress_bar(True, Stream(False), log)  # stderr (the bar's) in a file
+    assert not use_progress_bar(True, bar, Stream(False))  # stdout (the log's) in a file: plain lines there
 
 
 def test_phase_switch_marker_sits_at_the_switch_step():
