@@ -5,14 +5,12 @@ import io
 import json
 import math
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _trainer_helpers import REPO, TINY, read, tiny_config
+from _trainer_helpers import launch, read, tiny_config
 
 from erw_fast.codecs import build_codec
 from erw_fast.encoders.teacher import load_teacher
@@ -194,14 +192,17 @@ def test_resumed_run_keeps_one_history_and_one_wandb_run(tmp_path, monkeypatch, 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_log_file_gets_one_plain_line_per_logging_step(tmp_path):
-    """train.py with its output in pipes, as under SLURM: logging.progress=true draws no bar there."""
-    args = [*TINY, f"run.output_dir={tmp_path}", "run.name=piped", "logging.progress=true", "logging.log_every=3"]
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                            timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "\r" not in result.stdout and "\r" not in result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+def test_log_file_gets_one_plain_line_per_logging_step_from_rank_0(tmp_path, monkeypatch):
+    """Two ranks under torchrun with the output in pipes, as under SLURM: logging.progress=true draws no bar there,
+    rank 0 alone prints the lines and writes the trackers."""
+    monkeypatch.setenv("WANDB_MODE", "offline")  # inherited by the ranks
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    out = launch(tmp_path, "piped", "logging.progress=true", "logging.log_every=3", "logging.tensorboard=true",
+                 "logging.wandb=true")
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(list((tmp_path / "piped" / "tb").iterdir())) == 1
+    assert len(list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))) == 1
     records = read(tmp_path / "piped")
     assert [r["step"] for r in records] == [3, 6, 9, 12, 14]  # every log_every steps and each phase's last
     assert len(lines) == len(records)
