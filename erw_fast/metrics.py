@@ -18,6 +18,7 @@ from erw_fast.atomic import atomic_write_text
 from erw_fast.stop_signals import StopSignals
 
 if TYPE_CHECKING:
+    from erw_fast.config import Config
     from erw_fast.log_sinks import LogSink
 
 
@@ -34,7 +35,7 @@ class MetricsWriter:
         self.sinks = list(sinks)
 
     @classmethod
-    def for_run(cls, config: Any, resume_step: int) -> MetricsWriter:
+    def for_run(cls, config: Config, resume_step: int) -> MetricsWriter:
         """The run's writer: TensorBoard under ``<run_dir>/tb`` (logging.tensorboard), W&B (logging.wandb)."""
         from erw_fast.log_sinks import TensorBoardSink, WandbSink
 
