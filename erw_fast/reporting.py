@@ -245,9 +245,30 @@ def _duration(seconds: float) -> str:
     return f"{days}d {clock}" if days else clock
 
 
-def log_line(record: dict, total_steps: int) -> str:
+def run_eta_s(config: Any, phases: Sequence[Any], index: int, step: int, step_time_s: float,
+              world_size: int = 1) -> float:
+    """Seconds left in the run at the current step time, the later phases' steps weighted by their FLOPs per step
+    relative to the current phase's (ERW's warmup of SiT-XL/2 costs about a fifth of a Phase-2 step, so an ETA from
+    warmup step times alone would be far too short); a phase whose FLOPs cannot be counted weighs 1."""
+    from erw_fast.flops import gflops_per_step
+
+    def cost(name: str) -> float | None:
+        try:
+            return gflops_per_step(config, name, world_size)
+        except Exception:  # noqa: BLE001 - an estimate only: a phase the FLOP model does not know weighs 1
+            return None
+
+    here = cost(phases[index].name)
+    steps = float(phases[index].end - step)
+    for later in phases[index + 1:]:
+        there = cost(later.name)
+        steps += (later.end - later.start) * (there / here if here and there else 1.0)
+    return steps * step_time_s
+
+
+def log_line(record: dict, total_steps: int, eta_s: float | None = None) -> str:
     """One plain line for a logged record: step/total, phase, the loss and its parts, λ, grad norm, img/s and the
-    ETA of the run at the current step time, e.g.
+    ETA of the run (``eta_s``; else the steps left at the current step time), e.g.
     ``step 120/1000 [full] loss 0.4123 diffusion 0.3021 align 0.1102 λ 0.5000 grad 1.23 | 812.4 img/s | ETA 0:12:05``.
     """
     step = int(record["step"])
@@ -260,5 +281,7 @@ def log_line(record: dict, total_steps: int) -> str:
         parts.append(f"grad {_fmt(record['grad_norm'], '.3g')}")
     rate = _fmt(record.get("img_per_s"), ".1f")
     step_time = _number(record.get("step_time_s"))
-    eta = _duration((total_steps - step) * step_time) if step_time is not None else "-"
+    if eta_s is None and step_time is not None:
+        eta_s = (total_steps - step) * step_time
+    eta = _duration(eta_s) if eta_s is not None else "-"
     return " ".join(parts) + f" | {rate} img/s | ETA {eta}"

@@ -39,7 +39,7 @@ from erw_fast.models import describe_attention_backend
 from erw_fast.monitor import TrainingMonitor
 from erw_fast.objectives import resolve_alignment_backend
 from erw_fast.phases import Phase, plan_phases
-from erw_fast.reporting import log_line, progress_bar, report_run, use_progress_bar
+from erw_fast.reporting import log_line, progress_bar, report_run, run_eta_s, use_progress_bar
 from erw_fast.resume_checks import apply_optimizer_settings, branch_from, finished_run, load_resume_state
 from erw_fast.run_lock import run_dir_lock
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
@@ -306,7 +306,8 @@ class Trainer:
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 else:
-                    self.log(log_line(record, self.phases[-1].end))
+                    eta = run_eta_s(c, self.phases, index, step, record["step_time_s"], self.env.world_size)
+                    self.log(log_line(record, self.phases[-1].end, eta))
             if progress is not None:
                 progress.update(1)
             if self._steps_left is not None:

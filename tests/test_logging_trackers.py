@@ -17,7 +17,7 @@ from erw_fast.encoders.teacher import load_teacher
 from erw_fast.log_sinks import WANDB_ID_FILE
 from erw_fast.monitor import TrainingMonitor
 from erw_fast.phases import plan_phases
-from erw_fast.reporting import log_line, phase_switches, use_progress_bar
+from erw_fast.reporting import log_line, phase_switches, run_eta_s, use_progress_bar
 from erw_fast.sampling import euler_sampler, make_image_grid
 from erw_fast.trainer import Trainer
 
@@ -255,9 +255,25 @@ def test_log_line_fields_and_eta():
               "lambda": 0.5, "grad_norm": 2.0, "img_per_s": 512.0, "step_time_s": 0.5}
     assert log_line(record, 1000) == ("step 100/1000 [full] loss 1.2500 diffusion 1.0000 align 0.5000 λ 0.5000 "
                                       "grad 2 | 512.0 img/s | ETA 0:07:30")  # 900 steps × 0.5 s
+    assert log_line(record, 1000, eta_s=3725.4).endswith("| ETA 1:02:05")
     warmup = {"step": 2, "phase": "warmup", "loss": math.nan, "lambda": None, "img_per_s": 1.0,
               "step_time_s": 86_400.0}
     assert log_line(warmup, 4) == "step 2/4 [warmup] loss - | 1.0 img/s | ETA 2d 0:00:00"
+
+
+def test_run_eta_weighs_later_phases_by_their_flops(tmp_path):
+    from types import SimpleNamespace
+
+    from erw_fast.flops import gflops_per_step
+
+    config = tiny_config(tmp_path, "eta", "model.depth=8", "erw.warmup_depth=2")  # Phase 1: 2 of 8 blocks
+    phases = [SimpleNamespace(name="warmup", start=0, end=6), SimpleNamespace(name="full", start=6, end=14)]
+    warmup, full = gflops_per_step(config, "warmup"), gflops_per_step(config, "full")
+    assert full > warmup  # (the demo teacher dominates both at this size)
+    assert run_eta_s(config, phases, 0, 2, 0.5) == pytest.approx(0.5 * (4 + 8 * full / warmup))
+    assert run_eta_s(config, phases, 1, 10, 0.5) == pytest.approx(0.5 * 4)
+    unknown = [phases[0], SimpleNamespace(name="no-such-phase", start=6, end=14)]
+    assert run_eta_s(config, unknown, 0, 2, 0.5) == pytest.approx(0.5 * 12)  # not countable: weight 1
 
 
 def test_progress_bar_only_on_a_terminal():
