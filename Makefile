@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q torchvision==0.28.0
-	$(PY) -m pip install -q -e '.[encoders,vae,triton,plots,data,eval,test]'
+	$(PY) -m pip install -q -e '.[encoders,vae,triton,plots,data,eval,tb,wandb,test]'
 	# DeepSpeed builds against the torch already installed (no isolated build env that would pull CUDA torch).
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)

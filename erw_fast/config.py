@@ -236,9 +236,11 @@ class DataConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = 10
+    # A tqdm bar on stderr when stdout and stderr are terminals; otherwise (a SLURM log file, a pipe) or when false,
+    # one plain line per logging step on stdout: step/total, phase, loss parts, λ, img/s, ETA.
     progress: bool = True
-    tensorboard: bool = False
-    wandb: bool = False
+    tensorboard: bool = False  # <run_dir>/tb; needs the tb extra
+    wandb: bool = False  # needs the wandb extra; the run id is kept in <run_dir>/wandb_id so a resume continues it
     wandb_project: str = "erw_fast"
     plot: bool = True
     # In-training monitors of the full model's EMA (0 = off): a sample grid PNG from fixed labels and noise,
@@ -246,6 +248,9 @@ class LoggingConfig:
     sample_every: int = 0
     sample_count: int = 16
     sample_steps: int = 50
+    # A second grid from the same noise with classifier-free guidance at this scale (REPA's training-time grids:
+    # 4.0 over the whole time range); 1.0: the unguided grid only.
+    sample_cfg_scale: float = 4.0
     sample_vae: str = "auto"  # auto (toy for the demo data, else the SD VAE "ema") | toy | ema | mse | local path
     cknna_every: int = 0
     cknna_samples: int = 64
@@ -645,6 +650,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str, str], ...] = (
     ("logging.sample_every", lambda v: v >= 0, "≥ 0", "steps between sample grids; 0 is off"),
     ("logging.sample_count", lambda v: v >= 1, "≥ 1", "images per sample grid"),
     ("logging.sample_steps", lambda v: v >= 1, "≥ 1", "sampler steps of the grids"),
+    ("logging.sample_cfg_scale", lambda v: v >= 1, "≥ 1", "the guided grid's CFG scale; 1 for no guided grid"),
     ("logging.cknna_every", lambda v: v >= 0, "≥ 0", "steps between CKNNA measurements; 0 is off"),
     ("logging.cknna_samples", lambda v: v >= 2, "≥ 2", "samples of the CKNNA batch"),
     ("logging.cknna_t", lambda v: 0 <= v <= 1, "in [0, 1]", "the CKNNA noise level"),

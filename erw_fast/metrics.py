@@ -6,34 +6,46 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from erw_fast.atomic import atomic_write_text
 from erw_fast.stop_signals import StopSignals
 
+if TYPE_CHECKING:
+    from erw_fast.config import Config
+    from erw_fast.log_sinks import LogSink
+
 
 class MetricsWriter:
-    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
-                 wandb_project: str | None = None, run_name: str = "run", config: dict | None = None) -> None:
+    """Rank 0's training log: ``metrics.jsonl`` (one record per logged step) and the configured trackers
+    (``log_sinks``), which also take the monitors' images and scalars and the phase switch on the same step axis."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, sinks: Sequence[LogSink] = ()) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():
             self._truncate_from(resume_step)
         self._file = path.open("a", buffering=1)
-        self._tb = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency
+        self.sinks = list(sinks)
 
-            self._tb = SummaryWriter(str(tensorboard_dir))
-        self._wandb = None
-        if wandb_project is not None:
-            import wandb  # optional dependency
+    @classmethod
+    def for_run(cls, config: Config, resume_step: int) -> MetricsWriter:
+        """The run's writer: TensorBoard under ``<run_dir>/tb`` (logging.tensorboard), W&B (logging.wandb)."""
+        from erw_fast.log_sinks import TensorBoardSink, WandbSink
 
-            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+        log, run_dir = config.logging, config.run_dir
+        sinks: list[LogSink] = []
+        if log.tensorboard:
+            sinks.append(TensorBoardSink(run_dir / "tb", resume_step))
+        if log.wandb:
+            sinks.append(WandbSink(run_dir, log.wandb_project, config.run.name, config.to_dict()))
+        return cls(run_dir / "metrics.jsonl", resume_step=resume_step, sinks=sinks)
 
     def _truncate_from(self, step: int) -> None:
         """A run resumed after `step` completed steps re-logs what came later: drop those records (and a
@@ -51,19 +63,29 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
-        numeric = {k: v for k, v in clean.items() if isinstance(v, int | float) and k != "step"}
-        if self._tb is not None:
-            for key, value in numeric.items():
-                self._tb.add_scalar(key, value, record["step"])
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=record["step"])
+        numeric = {k: v for k, v in clean.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}
+        self.scalars(record["step"], numeric)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars to the trackers only (the monitors keep their own ``monitor.jsonl``)."""
+        for sink in self.sinks:
+            sink.scalars(step, values)
+
+    def image(self, tag: str, step: int, image: np.ndarray, caption: str = "") -> None:
+        for sink in self.sinks:
+            sink.image(tag, step, image, caption)
+
+    def phase_switch(self, step: int, previous: str, phase: str, index: int) -> None:
+        """The phase switch at the step it happens (the first step of ``phase``), as a scalar and a text entry."""
+        for sink in self.sinks:
+            sink.scalars(step, {"phase_switch": index})
+            sink.text("phase_switch_text", step, f"step {step}: {previous} → {phase}")
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for sink in self.sinks:
+            sink.close()
 
 
 class LogWindow:

@@ -1,6 +1,9 @@
-"""Optional in-training monitors of the full model's EMA: a sample grid and per-layer CKNNA with the teacher.
+"""Optional in-training monitors of the full model's EMA: sample grids (without and with classifier-free guidance,
+from the same noise), per-layer CKNNA with the teacher, and a small-N FID.
 
-Both draw their noise from their own seeded generators, so turning them on never changes the training run.
+All draw their noise from their own seeded generators, so turning them on never changes the training run. Their
+results go to files (``samples/*.png``, ``monitor.jsonl``) and, through the trainer's ``MetricsWriter``, to
+TensorBoard / W&B on the training scalars' step axis.
 
 A monitor never ends the run. What it needs is resolved at start-up (``check_monitor_resources``, called by the
 pre-flight checks): a missing resource is one ``config error`` naming its ``logging.*`` key, before anything is
@@ -15,11 +18,15 @@ import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from erw_fast.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from erw_fast.metrics import MetricsWriter
 
 MONITORS = {"samples": "logging.sample_every", "cknna": "logging.cknna_every", "fid": "logging.fid_every"}
 
@@ -107,13 +114,14 @@ class TrainingMonitor:
         return any(every > 0 and step % every == 0 for every in (log.sample_every, log.cknna_every, log.fid_every))
 
     def __call__(self, step: int, ema_model: nn.Module, encoders: list[nn.Module],
-                 log_line: Callable[[str], None] = print) -> dict:
+                 log_line: Callable[[str], None] = print, sink: MetricsWriter | None = None) -> dict:
         """The monitors due at ``step``. One that raises is logged and switched off; the run goes on. (``due``
-        does not change with that: every rank still takes part in the EMA gather at the monitors' steps.)"""
+        does not change with that: every rank still takes part in the EMA gather at the monitors' steps.)
+        ``sink`` (rank 0's ``MetricsWriter``) also receives the grids as images and FID/CKNNA as scalars."""
         log = self.config.logging
         out: dict = {}
         jobs = (
-            ("samples", log.sample_every, True, lambda: str(self._sample_grid(step, ema_model))),
+            ("samples", log.sample_every, True, lambda: self._sample_grids(step, ema_model, sink)),
             ("cknna", log.cknna_every, bool(encoders), lambda: self._cknna(ema_model, encoders)),
             ("fid", log.fid_every, True, lambda: self._fid(ema_model)),
         )
@@ -126,6 +134,8 @@ class TrainingMonitor:
                     extra = {"cknna_t": log.cknna_t} if name == "cknna" else {"fid_samples": log.fid_samples}
                     with (self.run_dir / "monitor.jsonl").open("a") as f:
                         f.write(json.dumps({"step": step, **extra, name: out[name]}) + "\n")
+                    if sink is not None:
+                        sink.scalars(step, _tracker_scalars(name, out[name]))
             except Exception as error:  # noqa: BLE001 - a monitor's failure must never end the run
                 where = traceback.extract_tb(error.__traceback__)[-1]
                 self.failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -175,24 +185,47 @@ class TrainingMonitor:
                                       latent_size=m.input_size, latent_channels=m.in_channels)
         return self._codec
 
-    @torch.no_grad()
-    def _sample_grid(self, step: int, model: nn.Module) -> Path:
-        import matplotlib.image
-
-        from erw_fast.sampling import sample_grid
-
+    def sample_inputs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The grids' fixed (noise, labels, REG class-token noise), the same at every step and for every scale."""
         m, log = self.config.model, self.config.logging
         g = torch.Generator().manual_seed(self.config.run.seed + 4242)
         noise = torch.randn(log.sample_count, m.in_channels, m.input_size, m.input_size, generator=g)
         labels = torch.arange(log.sample_count) % m.num_classes
-        cls = _class_token_noise(model, log.sample_count, g)
-        grid = sample_grid(model, labels.to(self.device), noise.to(self.device), self._decoder().decode,
-                           num_steps=log.sample_steps, path_type=self.config.diffusion.path_type,
-                           cls_noise=cls.to(self.device) if cls is not None else None)
-        path = self.run_dir / "samples" / f"step_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        matplotlib.image.imsave(path, grid.cpu().numpy())
-        return path
+        return noise, labels, _class_token_noise(model, log.sample_count, g)
+
+    def sample_scales(self) -> tuple[float, ...]:
+        """The guidance scales of the grids: 1 (none), then logging.sample_cfg_scale unless it is 1."""
+        cfg = self.config.logging.sample_cfg_scale
+        return (1.0,) if cfg == 1.0 else (1.0, cfg)
+
+    @torch.no_grad()
+    def sample_grid(self, model: nn.Module, cfg_scale: float = 1.0) -> torch.Tensor:
+        """One uint8 (H, W, 3) grid of the EMA at ``cfg_scale`` (guided over the whole time range, as REPA's
+        training-time grids), from the fixed inputs."""
+        from erw_fast.sampling import sample_grid
+
+        noise, labels, cls = self.sample_inputs(model)
+        return sample_grid(model, labels.to(self.device), noise.to(self.device), self._decoder().decode,
+                           num_steps=self.config.logging.sample_steps, path_type=self.config.diffusion.path_type,
+                           cfg_scale=cfg_scale, cls_noise=cls.to(self.device) if cls is not None else None)
+
+    def _sample_grids(self, step: int, model: nn.Module, sink: MetricsWriter | None = None) -> list[str]:
+        """``samples/step_NNNNNNN.png`` (no guidance) and ``samples/step_NNNNNNN_cfgS.png``; to the trackers as
+        ``samples`` and ``samples_cfg``."""
+        import matplotlib.image
+
+        paths = []
+        for scale in self.sample_scales():
+            grid = self.sample_grid(model, scale).cpu().numpy()
+            suffix = "" if scale == 1.0 else f"_cfg{scale:g}"
+            path = self.run_dir / "samples" / f"step_{step:07d}{suffix}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            matplotlib.image.imsave(path, grid)
+            paths.append(str(path))
+            if sink is not None:
+                tag, caption = ("samples", "no guidance") if scale == 1.0 else ("samples_cfg", f"cfg {scale:g}")
+                sink.image(tag, step, grid, caption=f"step {step}, {caption}")
+        return paths
 
     @torch.no_grad()
     def _cknna(self, model: nn.Module, encoders: list[nn.Module]) -> list[float]:
@@ -226,3 +259,11 @@ def _class_token_noise(model: nn.Module, n: int, generator: torch.Generator) -> 
     """A REG model's fixed class-token noise (N(0, I), drawn after the monitor's other draws); None for a SiT."""
     dim = getattr(model, "cls_token_dim", None)
     return torch.randn(n, dim, generator=generator) if dim is not None else None
+
+
+def _tracker_scalars(name: str, value: float | list[float]) -> dict[str, float]:
+    """A monitor's result as tracker scalars: ``fid``; CKNNA per SiT block (``cknna/block_NN``, 1-based as in
+    the papers' layer plots) and its maximum over blocks."""
+    if name == "cknna":
+        return {**{f"cknna/block_{i + 1:02d}": v for i, v in enumerate(value)}, "cknna/max": max(value)}
+    return {name: value}

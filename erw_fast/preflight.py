@@ -105,8 +105,9 @@ def _packages(c: Config) -> None:
     """The optional packages of the features this config enables (imported only when the feature first runs)."""
     aligns = c.run.mode != "sit"
     wanted = [  # (enabled, module, key, what needs it, how to install it)
-        (c.logging.tensorboard, "tensorboard", "logging.tensorboard", "TensorBoard logging", "pip install tensorboard"),
-        (c.logging.wandb, "wandb", "logging.wandb", "W&B logging", "pip install wandb"),
+        (c.logging.tensorboard, "tensorboard", "logging.tensorboard", "TensorBoard logging",
+         "pip install 'erw-fast[tb]'"),
+        (c.logging.wandb, "wandb", "logging.wandb", "W&B logging", "pip install 'erw-fast[wandb]'"),
         (c.data.kind == "dali", "nvidia.dali", "data.kind", "the DALI loader", "pip install nvidia-dali-cuda120"),
         (aligns and c.alignment.backend == "triton", "triton", "alignment.backend", "the Triton alignment backend",
          "pip install triton"),

@@ -1,4 +1,5 @@
-"""Run reports: read the JSONL metrics log, plot the loss curves, and print a per-phase summary table."""
+"""Run reports: read the JSONL metrics log, plot the loss curves, print a per-phase summary table, and the live
+view of a run (a progress bar on a terminal, one plain line per logging step elsewhere)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ def _series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]
     return xs, ys
 
 
+def phase_switches(records: Sequence[dict]) -> list[tuple[float, str]]:
+    """(step, new phase) at each phase switch of step-sorted records. A record's ``step`` counts completed steps
+    and a phase always logs its last step, so the switch is at the step of the previous phase's last record (the
+    new phase's first record comes ``log_every`` steps later)."""
+    return [(float(prev["step"]), str(rec.get("phase", "?")))
+            for prev, rec in zip(records, records[1:], strict=False)
+            if str(prev.get("phase", "?")) != str(rec.get("phase", "?"))]
+
+
 def plot_loss_curves(metrics: list[dict], out_png: str | Path, title: str = "") -> Path:
     """Loss curves per phase (left axis), λ (right axis) and a dashed vertical line at each phase switch.
 
@@ -94,19 +104,10 @@ def plot_loss_curves(metrics: list[dict], out_png: str | Path, title: str = "") 
                 name, colour = "alignment", "C2"  # warmup trains alignment only: label it for what it is
             ax.plot(xs, ys, style, color=colour, linewidth=1.4, label=f"{phase}: {name}")
 
-    # Phase switches: the first step of each phase that differs from the previous record's.
-    for prev, rec in zip(records, records[1:], strict=False):
-        if str(prev.get("phase", "?")) != str(rec.get("phase", "?")):
-            ax.axvline(float(rec["step"]), color="0.4", linestyle=":", linewidth=1.2)
-            ax.annotate(
-                f"→ {rec.get('phase', '?')}",
-                xy=(float(rec["step"]), 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(3, -12),
-                textcoords="offset points",
-                fontsize=8,
-                color="0.3",
-            )
+    for at, phase in phase_switches(records):
+        ax.axvline(at, color="0.4", linestyle=":", linewidth=1.2)
+        ax.annotate(f"→ {phase}", xy=(at, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="0.3")
 
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -223,3 +224,64 @@ def progress_bar(phase: Any, step: int) -> Any:
 
     return tqdm(total=phase.end - phase.start, initial=step - phase.start, desc=phase.name, unit="step",
                 dynamic_ncols=True, file=sys.stderr)
+
+
+def use_progress_bar(enabled: bool, *streams: Any) -> bool:
+    """Whether to draw the bar: logging.progress, and only when the bar's stream (stderr) and the log's (stdout, or
+    the ``streams`` given) are terminals. In a file (a SLURM log) or a pipe its ``\\r`` redraws pile up into one
+    unreadable line; the trainer prints ``log_line``s there instead."""
+    def tty(stream: Any) -> bool:
+        isatty = getattr(stream, "isatty", None)
+        return callable(isatty) and bool(isatty())
+
+    return enabled and all(tty(s) for s in (streams or (sys.stderr, sys.stdout)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def run_eta_s(config: Any, phases: Sequence[Any], index: int, step: int, step_time_s: float,
+              world_size: int = 1) -> float:
+    """Seconds left in the run at the current step time, the later phases' steps weighted by their FLOPs per step
+    relative to the current phase's (ERW's warmup of SiT-XL/2 costs about a fifth of a Phase-2 step, so an ETA from
+    warmup step times alone would be far too short); a phase whose FLOPs cannot be counted weighs 1."""
+    from erw_fast.flops import gflops_per_step
+
+    def cost(name: str) -> float | None:
+        try:
+            return gflops_per_step(config, name, world_size)
+        except Exception:  # noqa: BLE001 - an estimate only: a phase the FLOP model does not know weighs 1
+            return None
+
+    here = cost(phases[index].name)
+    steps = float(phases[index].end - step)
+    for later in phases[index + 1:]:
+        there = cost(later.name)
+        steps += (later.end - later.start) * (there / here if here and there else 1.0)
+    return steps * step_time_s
+
+
+def log_line(record: dict, total_steps: int, eta_s: float | None = None) -> str:
+    """One plain line for a logged record: step/total, phase, the loss and its parts, λ, grad norm, img/s and the
+    ETA of the run (``eta_s``; else the steps left at the current step time), e.g.
+    ``step 120/1000 [full] loss 0.4123 diffusion 0.3021 align 0.1102 λ 0.5000 grad 1.23 | 812.4 img/s | ETA 0:12:05``.
+    """
+    step = int(record["step"])
+    parts = [f"step {step}/{total_steps}", f"[{record.get('phase', '?')}]", f"loss {_fmt(record.get('loss'), '.4f')}"]
+    parts += [f"{key[len('loss_'):]} {_fmt(value, '.4f')}" for key, value in record.items()
+              if key.startswith("loss_") and value is not None]
+    if _number(record.get("lambda")) is not None:  # Phase 1 has no λ
+        parts.append(f"λ {_fmt(record['lambda'], '.4f')}")
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad {_fmt(record['grad_norm'], '.3g')}")
+    rate = _fmt(record.get("img_per_s"), ".1f")
+    step_time = _number(record.get("step_time_s"))
+    if eta_s is None and step_time is not None:
+        eta_s = (total_steps - step) * step_time
+    eta = _duration(eta_s) if eta_s is not None else "-"
+    return " ".join(parts) + f" | {rate} img/s | ETA {eta}"

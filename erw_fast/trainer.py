@@ -39,7 +39,7 @@ from erw_fast.models import describe_attention_backend
 from erw_fast.monitor import TrainingMonitor
 from erw_fast.objectives import resolve_alignment_backend
 from erw_fast.phases import Phase, plan_phases
-from erw_fast.reporting import progress_bar, report_run
+from erw_fast.reporting import log_line, progress_bar, report_run, run_eta_s, use_progress_bar
 from erw_fast.resume_checks import apply_optimizer_settings, branch_from, finished_run, load_resume_state
 from erw_fast.run_lock import run_dir_lock
 from erw_fast.runtime import DistEnv, init_runtime, set_tf32
@@ -234,19 +234,14 @@ class Trainer:
         if self.env.is_main:  # the resume holds (a refused one, or an engine that refuses it, changed nothing)
             branch_from(c, source, self.log)  # a rollback (or over): newer checkpoints moved aside, kept
             dump_config(c, self.run_dir / "config.yaml")  # atomic
+        # Before the loader: a tracker that cannot start (no W&B login) is a config error, not a leaked loader.
+        metrics = MetricsWriter.for_run(c, step) if self.env.is_main else None  # + TensorBoard / W&B
 
         self.loader = self._build_loader(step)
         self.loader.restore_skip_count(self._skips_at_resume)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
                  f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
-        metrics = None
-        if self.env.is_main:
-            metrics = MetricsWriter(
-                self.run_dir / "metrics.jsonl", resume_step=step,
-                tensorboard_dir=self.run_dir / "tb" if c.logging.tensorboard else None,
-                wandb_project=c.logging.wandb_project if c.logging.wandb else None, run_name=c.run.name,
-                config=c.to_dict())
         self._steps_left = c.train.max_steps_per_run
         # Handled through the final save and export too: a signal then is noted, and the run still completes.
         with self._stop_signals:
@@ -274,7 +269,12 @@ class Trainer:
     def _run_phase(self, phase: Phase, step: int, metrics: MetricsWriter | None) -> int:
         c = self.config
         stats = self.stats[phase.name]
-        progress = progress_bar(phase, step) if self.env.is_main and c.logging.progress else None
+        index = next(i for i, p in enumerate(self.phases) if p is phase)
+        if metrics is not None and index > 0 and step == phase.start:  # the switch step itself, not the next log
+            metrics.phase_switch(step, self.phases[index - 1].name, phase.name, index)
+        # A bar on a terminal; in a log file (SLURM) or with logging.progress off, one plain line per logging step.
+        bar = self.env.is_main and use_progress_bar(c.logging.progress, sys.stderr, self.out or sys.stdout)
+        progress = progress_bar(phase, step) if bar else None
         self.model.train()
         window = LogWindow(self.batch.global_batch)
         while step < phase.end:
@@ -298,12 +298,16 @@ class Trainer:
                 elapsed, rates = window.close(self.device)
                 stats.wall_s += elapsed
                 means = global_means(totals, self.env.world_size, self.device, self._stop_signals)
-                record = {"step": step, "phase": phase.name, **means, "lr": self.engine.lr(), **rates}
+                record = {"step": step, "phase": phase.name, "phase_index": index, **means, "lr": self.engine.lr(),
+                          **rates}
                 stats.final_loss = record["loss"]
                 if metrics is not None:
                     metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                else:
+                    eta = run_eta_s(c, self.phases, index, step, record["step_time_s"], self.env.world_size)
+                    self.log(log_line(record, self.phases[-1].end, eta))
             if progress is not None:
                 progress.update(1)
             if self._steps_left is not None:
@@ -311,7 +315,7 @@ class Trainer:
             if phase.monitored and self.monitor.due(step):
                 ema_model = self.engine.ema_module()  # every rank takes part (a gather under ZeRO)
                 if self.env.is_main:  # one writer for the sample grids and monitor.jsonl
-                    result = self.monitor(step, ema_model, self.teacher.encoders, self.log)
+                    result = self.monitor(step, ema_model, self.teacher.encoders, self.log, sink=metrics)
                     if result:
                         self.log(f"monitor at step {step}: {result}")
             if step % c.checkpoint.every == 0 and step < phase.end:

@@ -343,6 +343,7 @@ def test_monitors_run_on_a_reg_model(tmp_path):
                          "logging.cknna_samples=8")
     Trainer(config).run()
     assert (config.run_dir / "samples" / "step_0000004.png").is_file()
+    assert (config.run_dir / "samples" / "step_0000004_cfg4.png").is_file()  # REG guided: both tokens
     record = json.loads((config.run_dir / "monitor.jsonl").read_text().splitlines()[0])
     assert len(record["cknna"]) == 4 and all(math.isfinite(v) for v in record["cknna"])
 

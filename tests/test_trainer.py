@@ -303,7 +303,7 @@ def test_monitors_write_outputs_without_changing_training(tmp_path):
     run(watched)
     assert [r["loss"] for r in read(watched.run_dir)] == [r["loss"] for r in read(plain.run_dir)]
     grids = sorted(p.name for p in (watched.run_dir / "samples").iterdir())
-    assert grids == ["step_0000007.png", "step_0000014.png"]
+    assert grids == ["step_0000007.png", "step_0000007_cfg4.png", "step_0000014.png", "step_0000014_cfg4.png"]
     records = [json.loads(line) for line in (watched.run_dir / "monitor.jsonl").read_text().splitlines()]
     fids = [r for r in records if "fid" in r]
     assert [r["step"] for r in fids] == [14] and math.isfinite(fids[0]["fid"]) and fids[0]["fid"] > 0
