@@ -50,12 +50,12 @@ def check_monitor_resources(config: Config) -> None:
     """Resolve what the enabled monitors need, now: the sample VAE (a hub VAE from the cache, fetched when it is
     missing and the hub is reachable), the FID Inception weights (likewise), a teacher for CKNNA. Raises a
     ConfigError ``<logging key>: <why> (<what to do>)``. The files and sample counts are preflight's checks."""
-    from erw_fast.codecs import SD_VAE_HUB_NAMES, resolve_codec_name
+    from erw_fast.codecs import SD_VAE_HUB_NAMES, choose_codec
 
     log = config.logging
     if log.sample_every or log.fid_every:
-        name = resolve_codec_name(log.sample_vae, config.data.kind)
-        repo = SD_VAE_HUB_NAMES.get(name)
+        name = choose_codec(log.sample_vae, config).name
+        repo = SD_VAE_HUB_NAMES.get(name, name if name.count("/") == 1 and not Path(name).exists() else None)
         if repo is not None and not _hub_vae_cached(repo):
             why = "the hub is off (HF_HUB_OFFLINE)" if _offline() else None
             if why is None:
@@ -167,12 +167,13 @@ class TrainingMonitor:
 
     def _decoder(self):
         if self._codec is None:
-            from erw_fast.codecs import build_codec, resolve_codec_name
+            from erw_fast.codecs import build_codec, choose_codec
 
             m = self.config.model
-            name = resolve_codec_name(self.config.logging.sample_vae, self.config.data.kind)
-            self._codec = build_codec(name, device=self.device, image_size=self.config.data.image_size,
-                                      latent_size=m.input_size, latent_channels=m.in_channels)
+            choice = choose_codec(self.config.logging.sample_vae, self.config)
+            print(f"sample monitors: {choice.note}", flush=True)
+            self._codec = build_codec(choice.name, device=self.device, image_size=self.config.data.image_size,
+                                      latent_size=m.input_size, latent_channels=m.in_channels, scale=choice.scale)
         return self._codec
 
     @torch.no_grad()

@@ -240,13 +240,14 @@ def _monitors(c: Config) -> None:
         raise _Problem("logging.fid_inception", f"{log.fid_inception} does not exist",
                        "give the Inception weights file, or leave it unset for the torch hub cache")
     if log.sample_every or log.fid_every:
-        from erw_fast.codecs import SD_VAE_HUB_NAMES, resolve_codec_name
+        from erw_fast.codecs import SD_VAE_HUB_NAMES, choose_codec
 
-        name = resolve_codec_name(log.sample_vae, c.data.kind)
-        if name in SD_VAE_HUB_NAMES and not _installed("diffusers"):
+        name = choose_codec(log.sample_vae, c).name
+        hub_id = name in SD_VAE_HUB_NAMES or (name.count("/") == 1 and not name.startswith((".", "/", "~")))
+        if name != "toy" and not _installed("diffusers"):
             raise _Problem("logging.sample_vae", f"the {name} VAE needs the diffusers package, not installed",
                            "pip install 'erw-fast[vae]', or turn logging.sample_every/fid_every off")
-        if name not in (*SD_VAE_HUB_NAMES, "toy") and not Path(name).exists():
+        if name != "toy" and not hub_id and not Path(name).exists():
             raise _Problem("logging.sample_vae", f"{name} does not exist",
                            f"use toy, {', '.join(SD_VAE_HUB_NAMES)} or a local diffusers VAE directory")
     for key, every, n in (("logging.cknna_samples", log.cknna_every, log.cknna_samples),

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _held_out(args: argparse.Namespace, loaded: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(uint8 images N×3×H×W, latents, labels) of the held-out set."""
-    from erw_fast.codecs import build_codec, resolve_codec_name
+    from erw_fast.codecs import build_codec, choose_codec
 
     model, config = loaded.model, loaded.config
     if args.images is None:
@@ -66,9 +66,10 @@ def _held_out(args: argparse.Namespace, loaded: Any, device: torch.device) -> tu
         # Without stored labels the SiT is probed unconditionally (null class).
         labels = (torch.from_numpy(f["arr_1"][: len(images)]).long() if "arr_1" in f.files
                   else torch.full((len(images),), model.num_classes, dtype=torch.long))
-    vae = resolve_codec_name(args.vae, config.data.kind if config is not None else None)
-    codec = build_codec(vae, device=device, image_size=images.shape[-1], latent_size=model.input_size,
-                        latent_channels=model.in_channels)
+    choice = choose_codec(args.vae, config, loaded.args)
+    print(f"encoding --images: {choice.note}", file=sys.stderr)
+    codec = build_codec(choice.name, device=device, image_size=images.shape[-1], latent_size=model.input_size,
+                        latent_channels=model.in_channels, scale=choice.scale)
     latents = torch.cat([codec.encode(images[s : s + args.batch_size]).float().cpu()
                          for s in range(0, len(images), args.batch_size)])
     return images, latents, labels
