@@ -114,7 +114,8 @@ class TrainingMonitor:
         out: dict = {}
         jobs = (
             ("samples", log.sample_every, True, lambda: str(self._sample_grid(step, ema_model))),
-            ("cknna", log.cknna_every, bool(encoders), lambda: self._cknna(ema_model, encoders)),
+            ("cknna", log.cknna_every, bool(encoders) or self.config.data.features,  # precomputed: no encoder
+             lambda: self._cknna(ema_model, encoders)),
             ("fid", log.fid_every, True, lambda: self._fid(ema_model)),
         )
         for name, every, possible, run in jobs:
@@ -197,7 +198,7 @@ class TrainingMonitor:
 
     @torch.no_grad()
     def _cknna(self, model: nn.Module, encoders: list[nn.Module]) -> list[float]:
-        from erw_fast.encoders.teacher import Teacher
+        from erw_fast.encoders.teacher import Teacher, feature_patches
         from erw_fast.evaluation.layerwise import layerwise_cknna, sit_layer_features
 
         if self._batch is None:
@@ -208,8 +209,8 @@ class TrainingMonitor:
         noise = torch.randn(latents.shape, generator=g).to(self.device)
         cls_noise = _class_token_noise(model, latents.shape[0], g)
         with_cls = cls_noise is not None  # REG: the first encoder's CLS is the model's class token
-        feats = Teacher(encoders[:1]).targets({k: v.to(self.device) for k, v in batch.items()}, slice(None),
-                                              with_cls=with_cls)[0]
+        feats = Teacher(encoders[:1], patches=feature_patches(self.config)).targets(
+            {k: v.to(self.device) for k, v in batch.items()}, slice(None), with_cls=with_cls)[0]
         cls = feats[:, 0] if with_cls else None
         feats = feats[:, int(with_cls):]
         was_training = model.training

@@ -216,7 +216,7 @@ class Trainer:
         self.log(f"batch: global {b.global_batch} = {self.env.world_size} device(s) × {b.local_batch} per device = "
                  f"{b.micro_batch} per micro-batch × {b.accumulation} accumulation step(s); device {self.device}; "
                  f"engine {self.engine_kind} ({self.engine_reason})")
-        self.teacher.encoders = load_teacher(c, self.device, c.model.num_tokens(), self.log).encoders
+        self.teacher.replace_with(load_teacher(c, self.device, c.model.num_tokens(), self.log))
         if self.attn_backend == "measure":
             from erw_fast.models.attention_select import measured_backend_for_run
 
