@@ -59,7 +59,7 @@ def test_num_classes_against_the_manifest(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_features_run_builds_no_teacher(tmp_path, monkeypatch):
+def test_features_run_builds_no_teacher(tmp_path, monkeypatch, capsys):
     import erw_fast.encoders as encoders
     import erw_fast.encoders.encoder as encoder_module
 
@@ -77,6 +77,9 @@ def test_features_run_builds_no_teacher(tmp_path, monkeypatch):
 
     trainer = Trainer(config)
     trainer.run()
+    out = capsys.readouterr().out
+    assert "encoder: none loaded, precomputed demo-vit-t features" in out
+    assert "; 0 loader workers (data.num_workers)" in out  # the data line says the worker count
     assert trainer.teacher.encoders == [] and trainer.teacher.z_dims == [192]
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is Encoder]  # no encoder module anywhere in memory
