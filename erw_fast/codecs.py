@@ -54,10 +54,14 @@ def _toy_codec(image_size: int, latent_size: int, latent_channels: int) -> Laten
     )
 
 
+def _hub_id(name: str) -> bool:
+    """``owner/name`` (a Hugging Face id), not a relative or absolute path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
 def _sd_vae_codec(spec: str, device: torch.device, scale: float) -> LatentCodec:
     source = SD_VAE_HUB_NAMES.get(spec, spec)
-    hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))  # owner/name
-    if spec not in SD_VAE_HUB_NAMES and not Path(source).exists() and not hub_id:
+    if spec not in SD_VAE_HUB_NAMES and not Path(source).exists() and not _hub_id(source):
         raise ValueError(f"--vae {spec!r}: choose toy, {', '.join(SD_VAE_HUB_NAMES)}, a Hugging Face VAE id "
                          "(owner/name) or a local diffusers VAE path")
     from erw_fast.data.vae import load_vae  # the preprocessing VAE loader: local path or (cached) hub name
@@ -163,6 +167,11 @@ def choose_codec(spec: str, config: Any | None = None, args: Mapping[str, Any] |
     """``--vae``/``logging.sample_vae`` resolved against what made the run's latents (``latent_source``)."""
     source = latent_source(config, args)
     name = resolve_codec_name(spec, config.data.kind if config is not None else None, source.vae)
+    if spec == "auto" and name not in ("toy", *SD_VAE_HUB_NAMES) and not _hub_id(name) and not Path(name).exists():
+        from erw_fast.config import ConfigError  # a ValueError: the CLIs' one-line error, preflight's problem line
+
+        raise ConfigError(f"--vae / logging.sample_vae auto: the latents were made with the VAE {name} "
+                          f"({source.where}), which is not here (give its local directory, or a Hugging Face id)")
     scale, why = latent_scale_for(name, source)
     picked = f"{name} ({spec})" if spec != name else name
     made = f"latents from {source.vae} ({source.where})" if source.vae else f"latents' VAE: {source.where}"

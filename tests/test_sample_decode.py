@@ -60,10 +60,15 @@ def test_auto_follows_the_manifest_vae_and_scale(tmp_path):
                                                                                        0.13025)
     assert choose_codec("mse", other).scale == 0.13025 and "0.13025" in choose_codec("mse", other).note
     # The export's args come first; nothing recorded → REPA's constant; demo runs → the toy codec.
-    args = {"latent_vae": "/models/vae", "latent_scale": 0.3}
-    assert (choose_codec("auto", other, args).name, choose_codec("auto", other, args).scale) == ("/models/vae", 0.3)
+    args = {"latent_vae": str(tmp_path), "latent_scale": 0.3}
+    assert (choose_codec("auto", other, args).name, choose_codec("auto", other, args).scale) == (str(tmp_path), 0.3)
     assert choose_codec("ema").scale == SD_VAE_SCALE and "no scale recorded" in choose_codec("ema").note
     assert latent_source(_config(tmp_path / "missing")).scale is None
+    # A local VAE path recorded by erw-prepare on another machine: said, not silently replaced by another VAE.
+    gone = _config(_manifest(tmp_path / "local", "/prep-node/vae", 0.2))
+    with pytest.raises(ValueError, match="made with the VAE /prep-node/vae .*local/manifest.json"):
+        choose_codec("auto", gone)
+    assert choose_codec("mse", gone).scale == 0.2
     assert resolve_codec_name("auto", "demo", None) == "toy"
 
 
