@@ -172,7 +172,8 @@ class TrainingMonitor:
 
             m = self.config.model
             choice = choose_codec(self.config.logging.sample_vae, self.config)
-            print(f"sample monitors: {choice.note}", flush=True)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"sample monitors: {choice.note}", flush=True)
             self._codec = build_codec(choice.name, device=self.device, image_size=self.config.data.image_size,
                                       latent_size=m.input_size, latent_channels=m.in_channels, scale=choice.scale)
         return self._codec

@@ -32,7 +32,6 @@ from erw_fast.checkpoint_state import (
 )
 from erw_fast.config import Config, ConfigError, dump_config, load_config
 from erw_fast.data.device_prefetch import describe_device_prefetch
-from erw_fast.data.loaders import resolve_num_workers
 from erw_fast.encoders.teacher import Teacher, load_teacher
 from erw_fast.engines import Engine, build_engine, select_engine
 from erw_fast.metrics import LogWindow, MetricsWriter, global_means
@@ -239,6 +238,8 @@ class Trainer:
         self.loader = self._build_loader(step)
         self.loader.restore_skip_count(self._skips_at_resume)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
+        from erw_fast.data.loaders import resolve_num_workers
+
         d = c.data
         workers = "" if d.kind == "demo" else f"; {resolve_num_workers(d.num_workers, d.loader_threads)[1]}"
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
