@@ -71,3 +71,23 @@ def test_import_torchvision_in_venv_subprocess(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     want = _greedy_nms(boxes.tolist(), scores.tolist(), 0.4)
     assert got["keep"] == want and got["batched"] == want and got["png"]
+
+
+@pytest.mark.multiprocess
+def test_the_installed_hook_alone_makes_torchvision_importable(tmp_path):
+    """What `make` installs (python -m erw_fast.torchvision_cpu --install), without the venv's own copy: the
+    interpreter starts with -S (no site .pth files), gets site-packages on its path, then only our hook's dir."""
+    import sysconfig
+
+    from erw_fast.torchvision_cpu import HOOK_MODULE, install_hook
+
+    pth = install_hook(str(tmp_path))
+    assert pth == str(tmp_path / f"{HOOK_MODULE}.pth") and (tmp_path / f"{HOOK_MODULE}.py").is_file()
+    script = ("import sys, site; sys.path[:0] = [sys.argv[1]]; site.addsitedir(sys.argv[2]); import torch, "
+              "torchvision; print(torchvision.ops.nms(torch.tensor([[0., 0, 2, 2], [0, 0, 2, 1.9], [5, 5, 6, 6]]), "
+              "torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist())")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-S", "-c", script, sysconfig.get_paths()["purelib"], str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0, 2]"  # box 1 overlaps box 0 (IoU 0.95) and goes
