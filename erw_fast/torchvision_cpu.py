@@ -113,30 +113,42 @@ def _patch_ops() -> None:
 
 
 class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self, inner: Any, finder: Any) -> None:
+        self.inner, self.finder = inner, finder
 
     def create_module(self, spec: Any) -> Any:
         return self.inner.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)  # imported: nothing left to do
         self.inner.exec_module(module)
         _patch_ops()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Runs the fix when ``torchvision`` is first imported (nothing else is touched)."""
+    """Runs the fix when ``torchvision`` is imported (nothing else is touched). A bare ``find_spec`` (a check
+    whether torchvision is installed) only declares the schemas; the finder stays until the import happens."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._ops_load: bool | None = None  # whether torchvision's _C loads here (asked once)
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != "torchvision":
+        if fullname != "torchvision" or self._busy:
             return None
-        sys.meta_path.remove(self)  # once; the normal finders locate the package
-        spec = importlib.util.find_spec("torchvision")
+        self._busy = True  # the normal finders locate the package (this finder is asked again: it declines)
+        try:
+            spec = importlib.util.find_spec("torchvision")
+        finally:
+            self._busy = False
         if spec is None or not spec.submodule_search_locations or spec.loader is None:
             return spec
-        if not _compiled_ops_load(list(spec.submodule_search_locations)[0]):
+        if self._ops_load is None:
+            self._ops_load = _compiled_ops_load(list(spec.submodule_search_locations)[0])
+        if not self._ops_load:
             _define_ops()
-            spec.loader = _Loader(spec.loader)
+            spec.loader = _Loader(spec.loader, self)
         return spec
 
 

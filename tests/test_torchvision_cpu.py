@@ -47,6 +47,8 @@ def test_nms_kernel_matches_greedy_reference(thr):
 
 _SCRIPT = r"""
 import json, sys, tempfile, os
+import importlib.util
+assert importlib.util.find_spec("torchvision") is not None  # an "is it installed?" check first (preflight does)
 import torch, torchvision
 from torchvision.utils import save_image
 boxes = torch.tensor(json.loads(sys.argv[1]), dtype=torch.float32)
