@@ -88,7 +88,8 @@ def test_make_ref_from_shards_takes_the_stored_images(tmp_path):
     assert ref.protocol["source"]["kind"] == "prepared shards" and ref.protocol["selection"] == "all images"
     some = load_reference_images(tmp_path / "data", num_samples=3, seed=2)
     idx = [next(i for i in range(5) if np.array_equal(truth["images"][i], img)) for img in some.images]
-    assert len(set(idx)) == 3 and idx == sorted(idx)
+    assert len(set(idx)) == 3 and idx == sorted(idx) and some.protocol["selection"].startswith("3 drawn")
+    assert load_reference_images(tmp_path / "data", num_samples=5).protocol["selection"] == "all images"
     with pytest.raises(ValueError, match="stores 16 px images"):
         load_reference_images(tmp_path / "data", image_size=32)
 

@@ -114,8 +114,9 @@ def load_reference_images(source: PathLike, *, image_size: int | None = None, nu
     build = _from_shards if (root / "manifest.json").is_file() else _from_folder
     ref = build(root, image_size, num_samples, seed)
     ref.protocol.update({"num_samples": int(len(ref.images)), "resolution": list(ref.images.shape[1:3]),
-                         "selection": "all images" if num_samples is None or len(ref.images) < num_samples
-                         else f"{num_samples} drawn without replacement, numpy default_rng({seed}), index order"})
+                         "selection": "all images" if num_samples is None or num_samples >= ref.protocol["source"]
+                         ["images"] else f"{num_samples} drawn without replacement, numpy default_rng({seed}), "
+                                         "index order"})
     return ref
 
 
