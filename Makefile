@@ -1,7 +1,10 @@
 # One-command entry points. Each creates .venv on first use and installs what it needs.
 # torch==2.13.0 is pinned for CPU machines: pip finds the local CPU wheel, whereas an unpinned torch (or a
 # package that pulls one in) would download several GB of CUDA wheels. torchvision 0.28.0 is the release
-# built against torch 2.13 (timm and diffusers need it).
+# built against torch 2.13 (timm and diffusers need it). PyPI has only its CUDA build, whose compiled ops do not
+# load beside CPU torch (the CPU wheel is on download.pytorch.org, often unreachable); the start-up hook that
+# `python -m erw_fast.torchvision_cpu --install` adds to the venv makes `import torchvision` (and ops.nms) work
+# there, and does nothing where the compiled ops load.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.erw_fast-installed
@@ -15,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[encoders,vae,triton,plots,data,eval,tb,wandb,test]'
 	# DeepSpeed builds against the torch already installed (no isolated build env that would pull CUDA torch).
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
+	$(PY) -m erw_fast.torchvision_cpu --install
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -148,6 +148,12 @@ def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dic
     kwargs = c.model.sit_kwargs(z_dims, alignment=c.alignment)
     warmup = phase == "warmup"
     reg = {"cls": c.reg.cls_weight, "cls_token_dim": z_dims[0]} if c.class_token_in(phase) and z_dims else {}
+    from erw_fast.codecs import latent_source
+
+    # The VAE and scale of the training latents (the manifest's), so erw-sample decodes an export copied away from
+    # its dataset the way the latents were made.
+    src = latent_source(c)
+    latent = {"latent_vae": src.vae, "latent_scale": src.scale} if src.scale is not None else {}
     return {"model": c.model.name, "phase": phase,
             "encoder_depth": c.erw.warmup_depth if warmup else c.alignment.encoder_depth,
             "enc_type": ",".join(c.encoder.names), "proj_coeff": c.alignment.weight, "path_type": c.diffusion.path_type,
@@ -159,7 +165,7 @@ def reference_args(c: Config, z_dims: Sequence[int], phase: str = "full") -> dic
             "use_rope": c.erw.warmup_rope if warmup else c.model.use_rope,
             **alignment_args(c),
             **({"l2r_depth": c.erw.warmup_depth, "warmup_loss_weight": c.erw.warmup_loss_weight} if warmup else {}),
-            **reg}
+            **reg, **latent}
 
 
 def alignment_args(c: Config) -> dict[str, Any]:

@@ -215,7 +215,9 @@ class DataConfig:
     path: str | None = None  # the prepared dataset directory (holding manifest.json)
     image_size: int = 256  # image side the encoder sees (64 for the demo)
     num_samples: int = 2048  # demo dataset size
-    num_workers: int = 4  # DataLoader workers / DALI python workers
+    # DataLoader workers / DALI python workers; None: min(4, this rank's share of the usable cores), resolved at
+    # start-up and said in the `data:` log line (more workers than cores only oversubscribe the CPUs).
+    num_workers: int | None = None
     # webdataset only: threads of the training process assemble batches instead (set num_workers: 0). No batch
     # crosses a process boundary: the cheapest mode per CPU core for raw-image or latents-only shards.
     loader_threads: int = 0

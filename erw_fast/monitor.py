@@ -57,12 +57,12 @@ def check_monitor_resources(config: Config) -> None:
     """Resolve what the enabled monitors need, now: the sample VAE (a hub VAE from the cache, fetched when it is
     missing and the hub is reachable), the FID Inception weights (likewise), a teacher for CKNNA. Raises a
     ConfigError ``<logging key>: <why> (<what to do>)``. The files and sample counts are preflight's checks."""
-    from erw_fast.codecs import SD_VAE_HUB_NAMES, resolve_codec_name
+    from erw_fast.codecs import SD_VAE_HUB_NAMES, choose_codec
 
     log = config.logging
     if log.sample_every or log.fid_every:
-        name = resolve_codec_name(log.sample_vae, config.data.kind)
-        repo = SD_VAE_HUB_NAMES.get(name)
+        name = choose_codec(log.sample_vae, config).name
+        repo = SD_VAE_HUB_NAMES.get(name, name if name.count("/") == 1 and not Path(name).exists() else None)
         if repo is not None and not _hub_vae_cached(repo):
             why = "the hub is off (HF_HUB_OFFLINE)" if _offline() else None
             if why is None:
@@ -122,7 +122,8 @@ class TrainingMonitor:
         out: dict = {}
         jobs = (
             ("samples", log.sample_every, True, lambda: self._sample_grids(step, ema_model, sink)),
-            ("cknna", log.cknna_every, bool(encoders), lambda: self._cknna(ema_model, encoders)),
+            ("cknna", log.cknna_every, bool(encoders) or self.config.data.features,  # precomputed: no encoder
+             lambda: self._cknna(ema_model, encoders)),
             ("fid", log.fid_every, True, lambda: self._fid(ema_model)),
         )
         for name, every, possible, run in jobs:
@@ -177,12 +178,14 @@ class TrainingMonitor:
 
     def _decoder(self):
         if self._codec is None:
-            from erw_fast.codecs import build_codec, resolve_codec_name
+            from erw_fast.codecs import build_codec, choose_codec
 
             m = self.config.model
-            name = resolve_codec_name(self.config.logging.sample_vae, self.config.data.kind)
-            self._codec = build_codec(name, device=self.device, image_size=self.config.data.image_size,
-                                      latent_size=m.input_size, latent_channels=m.in_channels)
+            choice = choose_codec(self.config.logging.sample_vae, self.config)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"sample monitors: {choice.note}", flush=True)
+            self._codec = build_codec(choice.name, device=self.device, image_size=self.config.data.image_size,
+                                      latent_size=m.input_size, latent_channels=m.in_channels, scale=choice.scale)
         return self._codec
 
     def sample_inputs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -229,7 +232,7 @@ class TrainingMonitor:
 
     @torch.no_grad()
     def _cknna(self, model: nn.Module, encoders: list[nn.Module]) -> list[float]:
-        from erw_fast.encoders.teacher import Teacher
+        from erw_fast.encoders.teacher import Teacher, feature_patches
         from erw_fast.evaluation.layerwise import layerwise_cknna, sit_layer_features
 
         if self._batch is None:
@@ -240,8 +243,8 @@ class TrainingMonitor:
         noise = torch.randn(latents.shape, generator=g).to(self.device)
         cls_noise = _class_token_noise(model, latents.shape[0], g)
         with_cls = cls_noise is not None  # REG: the first encoder's CLS is the model's class token
-        feats = Teacher(encoders[:1]).targets({k: v.to(self.device) for k, v in batch.items()}, slice(None),
-                                              with_cls=with_cls)[0]
+        feats = Teacher(encoders[:1], patches=feature_patches(self.config)).targets(
+            {k: v.to(self.device) for k, v in batch.items()}, slice(None), with_cls=with_cls)[0]
         cls = feats[:, 0] if with_cls else None
         feats = feats[:, int(with_cls):]
         was_training = model.training

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path, PurePath
 
@@ -174,6 +175,8 @@ def _data(c: Config) -> None:
         raise _Problem("data.path", _one_line(error), "rerun erw-prepare on it, or point data.path elsewhere") from None
     where = root / "manifest.json"
     c2, h, w = man.moments_shape
+    mismatch = (_features_mismatch(c, man.features, str(where))
+                if d.features and man.features is not None and c.run.mode != "sit" else None)
     mismatches = [
         ("data.image_size", d.image_size != man.image_size,
          f"{d.image_size}, but {where} holds {man.image_size} px images", f"set data.image_size={man.image_size}"),
@@ -193,12 +196,31 @@ def _data(c: Config) -> None:
         ("data.features", d.features and c.run.class_token and man.features is not None
          and not man.features.get("cls_token"), f"true, but {root}'s features hold no CLS token (run.mode="
          f"{c.run.mode} needs it)", "rerun erw-prepare with --encoder-cls-token, or set data.features=false"),
+        ("encoder.names", mismatch is not None, mismatch,
+         "use the encoder settings the features were prepared with, or set data.features=false"),
         ("train.global_batch_size", man.num_samples < global_batch,
          f"{global_batch} is more than the {man.num_samples} samples of {root}", "use a smaller global batch"),
     ]
     for key, wrong, why, fix in mismatches:
         if wrong:
             raise _Problem(key, why, fix)
+    if m.num_classes > man.num_classes:  # legal (unused label rows), but REPA sets them equal: say so once
+        _warn(f"model.num_classes={m.num_classes}, but {where} has {man.num_classes} classes: "
+              f"{m.num_classes - man.num_classes} label embeddings are never trained")
+
+
+def _features_mismatch(c: Config, features: dict, where: str) -> str | None:
+    from erw_fast.encoders.teacher import features_mismatch
+
+    try:
+        return features_mismatch(c, features, where)
+    except ValueError:  # an unknown encoder name: _encoders says so
+        return None
+
+
+def _warn(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _encoders(c: Config) -> None:
@@ -231,7 +253,7 @@ def _encoders(c: Config) -> None:
         raise _Problem("encoder.weights_paths", "given with encoder.pretrained=false",
                        "set encoder.pretrained=true to load them, or drop the paths")
     for i, path in enumerate(e.weights_paths):
-        if not Path(path).is_file():
+        if not c.data.features and not Path(path).is_file():  # precomputed features: no weights are loaded
             raise _Problem(f"encoder.weights_paths[{i}]", f"{path} does not exist", "give the weights file's path")
 
 
@@ -241,13 +263,14 @@ def _monitors(c: Config) -> None:
         raise _Problem("logging.fid_inception", f"{log.fid_inception} does not exist",
                        "give the Inception weights file, or leave it unset for the torch hub cache")
     if log.sample_every or log.fid_every:
-        from erw_fast.codecs import SD_VAE_HUB_NAMES, resolve_codec_name
+        from erw_fast.codecs import SD_VAE_HUB_NAMES, choose_codec
 
-        name = resolve_codec_name(log.sample_vae, c.data.kind)
-        if name in SD_VAE_HUB_NAMES and not _installed("diffusers"):
+        name = choose_codec(log.sample_vae, c).name
+        hub_id = name in SD_VAE_HUB_NAMES or (name.count("/") == 1 and not name.startswith((".", "/", "~")))
+        if name != "toy" and not _installed("diffusers"):
             raise _Problem("logging.sample_vae", f"the {name} VAE needs the diffusers package, not installed",
                            "pip install 'erw-fast[vae]', or turn logging.sample_every/fid_every off")
-        if name not in (*SD_VAE_HUB_NAMES, "toy") and not Path(name).exists():
+        if name != "toy" and not hub_id and not Path(name).exists():
             raise _Problem("logging.sample_vae", f"{name} does not exist",
                            f"use toy, {', '.join(SD_VAE_HUB_NAMES)} or a local diffusers VAE directory")
     for key, every, n in (("logging.cknna_samples", log.cknna_every, log.cknna_samples),

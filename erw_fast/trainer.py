@@ -216,7 +216,7 @@ class Trainer:
         self.log(f"batch: global {b.global_batch} = {self.env.world_size} device(s) × {b.local_batch} per device = "
                  f"{b.micro_batch} per micro-batch × {b.accumulation} accumulation step(s); device {self.device}; "
                  f"engine {self.engine_kind} ({self.engine_reason})")
-        self.teacher.encoders = load_teacher(c, self.device, c.model.num_tokens(), self.log).encoders
+        self.teacher.replace_with(load_teacher(c, self.device, c.model.num_tokens(), self.log))
         if self.attn_backend == "measure":
             from erw_fast.models.attention_select import measured_backend_for_run
 
@@ -240,8 +240,12 @@ class Trainer:
         self.loader = self._build_loader(step)
         self.loader.restore_skip_count(self._skips_at_resume)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
+        from erw_fast.data.loaders import resolve_num_workers
+
+        d = c.data
+        workers = "" if d.kind == "demo" else f"; {resolve_num_workers(d.num_workers, d.loader_threads)[1]}"
         self.log(f"data: {c.data.kind} ({self.loader.num_samples} samples, {self.loader.steps_per_epoch} steps per "
-                 f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}")
+                 f"epoch), starting at {self.loader.position(step)}; {describe_device_prefetch(self.loader)}{workers}")
         self._steps_left = c.train.max_steps_per_run
         # Handled through the final save and export too: a signal then is noted, and the run still completes.
         with self._stop_signals:

@@ -42,6 +42,8 @@ def write_dataset(
     num_classes: int = 5,
     latent_channels: int = 4,
     seed: int = 0,
+    feature_shape: tuple[int, int] = (4, 6),
+    feature_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     ls = image_size // 8
@@ -54,7 +56,7 @@ def write_dataset(
         "encoded": [],
     }
     truth["moments_flip"] = (truth["moments"][..., ::-1] + np.float16(0.5)).astype(np.float16)
-    truth["features"] = rng.normal(0, 1, (n, 4, 6)).astype(np.float16)
+    truth["features"] = rng.normal(0, 1, (n, *feature_shape)).astype(np.float16)
     yy, xx = np.mgrid[0:image_size, 0:image_size]
     for i in range(n):  # smooth-ish images so JPEG is realistic; asymmetric so flips are visible
         base = (xx * (i % 7 + 1) + yy * 3 + i * 11) % 256
@@ -89,7 +91,8 @@ def write_dataset(
         vae={"name": "test", "scaling_factor": SCALE, "latent_channels": latent_channels, "latent_size": ls,
              "dtype": "float16"},
         flip_moments=flip, shards=entries,
-        features={"encoder": "test", "shape": [4, 6], "dtype": "float16"} if features else None,
+        features={"encoder": "test", "shape": list(feature_shape), "dtype": "float16", **(feature_record or {})}
+        if features else None,
     ).save(root)
     return truth
 

@@ -173,8 +173,9 @@ def test_prepare_end_to_end(folder, autoencoder_kl, tmp_path):
     assert [s.num_samples for s in man.shards] == [7, 7, 4]
     assert man.vae == {"name": "tiny-random", "scaling_factor": 0.18215, "latent_channels": 4, "latent_size": 8,
                        "dtype": "float16"}
-    assert man.moments_shape == [8, 8, 8] and man.features == {"encoder": "demo-vit-t", "shape": [16, 192],
-                                                               "dtype": "float16"}
+    assert man.moments_shape == [8, 8, 8] and man.features == {
+        "encoder": "demo-vit-t", "shape": [16, 192], "dtype": "float16", "resolution": 64, "pretrained": False,
+        "weights": "random init (pretrained=False)"}
     for s in man.shards:
         assert hashlib.sha256((tmp_path / s.tar).read_bytes()).hexdigest() == s.sha256
     assert (tmp_path / "sources.tsv").read_text().splitlines()[5] == f"00000005\t0\t{listing.paths[5]}"

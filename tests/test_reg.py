@@ -424,7 +424,8 @@ def test_precomputed_features_with_the_cls_token_train_reg(tmp_path):
     assert prepare(scan_image_folder(source), data, opts, vae=tiny_vae(autoencoder_kl), encoder=encoder,
                    echo=lambda _: None).complete
     manifest = Manifest.load(data)
-    assert manifest.features == {"encoder": "demo-vit-t", "shape": [17, 192], "dtype": "float16", "cls_token": True}
+    assert manifest.features == {"encoder": "demo-vit-t", "shape": [17, 192], "dtype": "float16", "cls_token": True,
+                                 "resolution": 64, "pretrained": False, "weights": "random init (pretrained=False)"}
 
     config = tiny_config(tmp_path, "cached", *REG, "data.kind=webdataset", f"data.path={data}", "data.features=true",
                          "data.num_workers=0", "train.total_steps=3", "model.num_classes=2", "checkpoint.every=10")

@@ -1,8 +1,11 @@
 """erw-analyze: CKNNA alignment of every SiT layer with the run's encoder(s) on held-out images, plus a chart.
 
-Held-out data: the demo dataset drawn with a seed the run never trained on (``--data demo``, the default for
-demo runs), or the images (and labels, if stored as ``arr_1``) of an ADM-style ``.npz`` (``--images``), encoded
-to latents with ``--vae``. Encoders come from the run's config (``encoder.names`` etc.); randomly initialised
+Held-out data: the demo dataset drawn with a seed the run never trained on (the default for demo runs), the
+images (and labels, if stored as ``arr_1``) of an ADM-style ``.npz`` (``--images``), encoded to latents with
+``--vae``, or a prepared dataset (``--data DIR``, erw-prepare's output, e.g. of a validation folder): its stored
+images and labels, and latents = posterior mean × the manifest's scale (the training latents without noise; no VAE
+is loaded). From the run's own training shards the images are not held out: prepare a validation split for that.
+Encoders come from the run's config (``encoder.names`` etc.); randomly initialised
 ones are rebuilt from the same seed the trainer used, so a demo run is analysed against its actual teacher.
 """
 
@@ -31,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="the run's config.yaml (default: found beside the checkpoint)")
     p.add_argument("--raw", action="store_true", help="analyse the raw weights instead of the EMA")
     p.add_argument("--images", default=None, help="held-out .npz (arr_0 uint8 NHWC, optional arr_1 labels)")
+    p.add_argument("--data", default=None,
+                   help="a prepared dataset directory (manifest.json): --num-samples of its images, seeded draw")
     p.add_argument("--vae", default="auto",
                    help="latent codec for --images: auto (toy for demo runs, else ema) | toy | ema | mse | local path")
     p.add_argument("--num-samples", type=int, default=512)
@@ -44,12 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _held_out(args: argparse.Namespace, loaded: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(uint8 images N×3×H×W, latents, labels) of the held-out set."""
-    from erw_fast.codecs import build_codec, resolve_codec_name
+    from erw_fast.codecs import build_codec, choose_codec
 
     model, config = loaded.model, loaded.config
+    if args.images is not None and args.data is not None:
+        raise ValueError("give --images or --data, not both")
+    if args.data is not None:
+        return _from_shards(args, model)
     if args.images is None:
         if config is None or config.data.kind != "demo":
-            raise ValueError("no held-out images: pass --images <npz> (the run is not a demo run)")
+            raise ValueError("no held-out images: pass --data <prepared dataset> or --images <npz> (the run is not a "
+                             "demo run)")
         from erw_fast.data import DemoShapesDataset
 
         data = DemoShapesDataset(
@@ -66,12 +76,43 @@ def _held_out(args: argparse.Namespace, loaded: Any, device: torch.device) -> tu
         # Without stored labels the SiT is probed unconditionally (null class).
         labels = (torch.from_numpy(f["arr_1"][: len(images)]).long() if "arr_1" in f.files
                   else torch.full((len(images),), model.num_classes, dtype=torch.long))
-    vae = resolve_codec_name(args.vae, config.data.kind if config is not None else None)
-    codec = build_codec(vae, device=device, image_size=images.shape[-1], latent_size=model.input_size,
-                        latent_channels=model.in_channels)
+    choice = choose_codec(args.vae, config, loaded.args)
+    print(f"encoding --images: {choice.note}", file=sys.stderr)
+    codec = build_codec(choice.name, device=device, image_size=images.shape[-1], latent_size=model.input_size,
+                        latent_channels=model.in_channels, scale=choice.scale)
     latents = torch.cat([codec.encode(images[s : s + args.batch_size]).float().cpu()
                          for s in range(0, len(images), args.batch_size)])
     return images, latents, labels
+
+
+def _from_shards(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, ...]:
+    """Images, noise-free latents (mean × scale of the stored moments) and labels of a prepared dataset."""
+    from erw_fast.data.images import decode_image
+    from erw_fast.data.shards import MEMBER_MOMENTS, Manifest, ShardSet
+
+    man = Manifest.load(args.data)
+    c2, h, _ = man.moments_shape
+    if (c2 // 2, h) != (model.in_channels, model.input_size):
+        raise ValueError(f"{args.data}: latents are {c2 // 2}×{h}², the model takes {model.in_channels}×"
+                         f"{model.input_size}²")
+    skipped = {int(s["index"]) for s in man.skipped}
+    usable = np.array([i for i in range(man.num_samples) if i not in skipped])
+    n = min(args.num_samples, len(usable))
+    pick = np.sort(np.random.default_rng(args.seed).choice(usable, size=n, replace=False))
+    shards = ShardSet(args.data)
+    images, latents, labels = [], [], []
+    try:
+        for i in pick:
+            got = shards.read(int(i), ["cls", MEMBER_MOMENTS, man.image_member])
+            img = got[man.image_member]
+            images.append(np.asarray(img if man.image_member == "img.npy" else decode_image(img), dtype=np.uint8))
+            latents.append(torch.from_numpy(np.array(got[MEMBER_MOMENTS][: c2 // 2], dtype=np.float32)))
+            labels.append(shards.label(int(i), got["cls"]))
+    finally:
+        shards.close()
+    print(f"held-out: {n} samples of {args.data} (latents: posterior mean × {man.scaling_factor:g})", file=sys.stderr)
+    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+            torch.stack(latents) * man.scaling_factor, torch.tensor(labels, dtype=torch.long))
 
 
 def _encoders(config: Any, device: torch.device) -> list[Any]:
@@ -137,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "checkpoint": str(loaded.checkpoint), "checkpoint_step": loaded.step, "weights": loaded.weights,
         "num_samples": len(images), "topk": args.topk, "t": args.t, "path_type": loaded.path_type,
-        "held_out": args.images or f"demo dataset, seed run.seed + {HELD_OUT_SEED_OFFSET}",
+        "held_out": args.images or (f"{args.data}: {len(images)} samples, numpy default_rng({args.seed})"
+                                    if args.data else f"demo dataset, seed run.seed + {HELD_OUT_SEED_OFFSET}"),
         "features": "token-mean hidden state after each block, L2-normalised; encoder: token-mean patch tokens"
                     + ("; REG: the class token is the first encoder's CLS noised at t, left out of the mean"
                        if reg else ""),

@@ -6,7 +6,8 @@ into ``samples.npz`` (``arr_0`` uint8 NHWC, the first N; ``arr_1`` their labels)
 
 Resumable: every batch lands in ``.parts`` with the rank's generator state, so rerunning the same command after
 an interruption (a preempted 50K-sample FID run) continues from the last finished batch and writes the same
-samples as an uninterrupted run. A rerun with different settings is refused, naming them.
+samples as an uninterrupted run. A rerun with different settings is refused, naming them. A rerun of a finished
+run says so and draws nothing (``--overwrite`` draws again).
 """
 
 from __future__ import annotations
@@ -64,7 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT forward")
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help="draw again even if out-dir holds a finished run (default: a finished run is left as it is)")
     return p
+
+
+def _finished(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The protocol of a finished run in ``out_dir`` with these settings (a rerun is a no-op), None to draw.
+    A finished run with other settings is refused (naming them) unless ``overwrite``."""
+    npz, proto = out_dir / SAMPLES_FILE, out_dir / PROTOCOL_FILE
+    if overwrite or not (npz.is_file() and proto.is_file()):
+        return None
+    protocol = json.loads(proto.read_text())
+    was = protocol.get("settings")
+    if was is None:  # written before protocols recorded their settings
+        return protocol
+    changed = sorted(k for k in settings.keys() | was.keys() if settings.get(k) != was.get(k))
+    if changed:
+        there, now = {k: was.get(k) for k in changed}, {k: settings.get(k) for k in changed}
+        raise ValueError(f"{out_dir} holds finished samples drawn with other settings ({there} there, {now} now); "
+                         "use another --out-dir, or --overwrite to replace them")
+    return protocol
 
 
 def _labels(generator: torch.Generator, global_idx: torch.Tensor, num_classes: int, balanced: bool,
@@ -88,13 +109,13 @@ def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def _sampling_settings(args: argparse.Namespace, loaded: Any, world: int, vae: str, image_size: int,
-                       path_type: str) -> dict[str, Any]:
+                       path_type: str, latent_scale: float) -> dict[str, Any]:
     """Everything that decides which images a rank draws: a resumed run must match it exactly."""
     settings = {"checkpoint": str(loaded.checkpoint), "checkpoint_step": loaded.step, "weights": loaded.weights,
                 "num_samples": args.num_samples, "batch_size": args.batch_size, "world_size": world,
                 "seed": args.seed, "mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun),
                 "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
-                "path_type": path_type, "vae": vae, "image_size": image_size,
+                "path_type": path_type, "vae": vae, "latent_scale": latent_scale, "image_size": image_size,
                 "balanced_labels": bool(args.balanced_labels), "precision": args.precision, "tf32": bool(args.tf32),
                 "compile": bool(args.compile)}
     if loaded.model.cls_token_dim is not None:
@@ -171,7 +192,7 @@ class _RankProgress:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from erw_fast.cli.loading import load_sit_checkpoint
-    from erw_fast.codecs import build_codec, resolve_codec_name
+    from erw_fast.codecs import build_codec, choose_codec
     from erw_fast.runtime import autocast_context, init_runtime, set_tf32
     from erw_fast.sampling import euler_maruyama_sampler, euler_sampler
 
@@ -196,20 +217,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  device=env.device)
     model = loaded.model
     latent = model.input_size
-    vae = resolve_codec_name(args.vae, loaded.config.data.kind if loaded.config is not None else None)
+    choice = choose_codec(args.vae, loaded.config, loaded.args)
+    vae = choice.name
     image_size = args.image_size or (loaded.config.data.image_size if loaded.config is not None else 8 * latent)
-    codec = build_codec(vae, device=env.device, image_size=image_size if vae == "toy" else 8 * latent,
-                        latent_size=latent, latent_channels=model.in_channels)
     path_type = args.path_type or loaded.path_type
+    out_dir = Path(args.out_dir)
+    settings = _sampling_settings(args, loaded, world, vae, image_size, path_type, choice.scale)
+    done = _finished(out_dir, settings, args.overwrite)
+    if done is not None:
+        if rank == 0:
+            print(f"{out_dir / SAMPLES_FILE} is already complete ({done.get('num_samples')} images, same settings); "
+                  "nothing to do (--overwrite draws them again)", file=sys.stderr)
+        return done
+    if rank == 0:
+        print(choice.note, file=sys.stderr)
+    codec = build_codec(vae, device=env.device, image_size=image_size if vae == "toy" else 8 * latent,
+                        latent_size=latent, latent_channels=model.in_channels, scale=choice.scale)
     sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
 
     n = args.batch_size
     iterations = math.ceil(args.num_samples / (n * world))
     generator = torch.Generator(device=env.device).manual_seed(args.seed * world + rank)
-    out_dir = Path(args.out_dir)
     parts = out_dir / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
-    progress = _RankProgress(parts, rank, _sampling_settings(args, loaded, world, vae, image_size, path_type))
+    progress = _RankProgress(parts, rank, settings)
     start = progress.resume(generator)
     if start and rank == 0:
         print(f"resuming at batch {start + 1}/{iterations} (earlier batches are in {parts})", file=sys.stderr)
@@ -262,7 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "guidance_high": args.guidance_high, "path_type": path_type},
             "reg": _reg_protocol(args, model.cls_token_dim) if model.cls_token_dim is not None else None,
             "alignment": _alignment_protocol(loaded),
-            "vae": {"spec": vae, "description": codec.description},
+            "vae": {"spec": vae, "requested": args.vae, "description": codec.description,
+                    "latent_scale": choice.scale, "why": choice.note},
             "num_samples": args.num_samples,
             "image_shape": list(all_images.shape[1:]),
             "labels": "balanced (i mod classes)" if args.balanced_labels else "uniform random",
@@ -275,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "compile": bool(args.compile),
             "device": str(env.device),
             "versions": versions("numpy", "diffusers", "timm") | {"erw-fast": package_version("erw-fast")},
+            "settings": settings,  # what a rerun compares (a rerun with the same ones is a no-op)
         }
         if args.balanced_labels:
             protocol["note"] = "balanced labels differ from the reference protocol (uniform random labels)"

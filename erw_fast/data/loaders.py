@@ -15,6 +15,7 @@ verification, ...) and, from the rest of the run, where this rank's share of the
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,6 +26,29 @@ from erw_fast.data.shards import DataError, ShardSet
 from erw_fast.data.train_loader import TrainLoader
 
 KINDS = ("demo", "webdataset", "dali")
+DEFAULT_MAX_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: what a container or SLURM grants, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(requested: int | None, loader_threads: int = 0) -> tuple[int, str]:
+    """``data.num_workers`` and a phrase for the log: the configured count, or min(4, this rank's share of the
+    usable cores) (the ranks on a node share them: LOCAL_WORLD_SIZE); 0 with ``data.loader_threads``."""
+    cores = usable_cores()
+    if requested is None and loader_threads:
+        return 0, f"0 loader workers ({loader_threads} loader threads in the training process)"
+    if requested is not None:
+        note = f", more than the {cores} usable cores" if requested > cores else ""
+        return requested, f"{requested} loader workers (data.num_workers{note})"
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n = max(1, min(DEFAULT_MAX_WORKERS, cores // ranks))
+    return n, f"{n} loader workers (min({DEFAULT_MAX_WORKERS}, {cores} usable cores / {ranks} rank(s) on this node))"
 
 
 class DemoLoader(TrainLoader):
@@ -89,6 +113,7 @@ def build_loader(
     staged one step ahead).
     """
     kind, path, flip, features, on_error = data.kind, data.path, data.flip, data.features, data.on_error
+    num_workers = resolve_num_workers(data.num_workers, data.loader_threads)[0]
     device = torch.device(device)
     device_prefetch = device.type == "cuda" if data.device_prefetch is None else data.device_prefetch
     loader_threads = data.loader_threads
@@ -122,13 +147,13 @@ def build_loader(
         from erw_fast.data.wds_loader import WebDatasetLoader
 
         loader: TrainLoader = WebDatasetLoader(
-            assembler, start_step=start_step, device=device, num_workers=data.num_workers,
+            assembler, start_step=start_step, device=device, num_workers=num_workers,
             num_threads=loader_threads, prefetch_factor=data.prefetch, pin_memory=data.pin_memory, latent_scale=scale,
         )
         return _staged(loader, device_prefetch)
     from erw_fast.data.dali_loader import DaliLoader
 
-    loader = DaliLoader(assembler, start_step=start_step, device=device, num_workers=data.num_workers,
+    loader = DaliLoader(assembler, start_step=start_step, device=device, num_workers=num_workers,
                         num_threads=data.dali_threads, prefetch=data.prefetch, latent_scale=scale,
                         decoder_device=data.dali_decoder)
     return _staged(loader, device_prefetch)

@@ -511,6 +511,9 @@ def _write_shards(
     device = torch.device(opts.device) if opts.device else _default_device()
     vae_device = next(vae.parameters()).device
     info = vae_info(vae, opts.vae)
+    source = getattr(encoder, "weights_source", None)  # an Encoder says where its weights came from
+    feature_weights = ((not source.startswith("random init"), source) if isinstance(source, str)
+                       else (bool(opts.encoder_pretrained), "a module given by the caller"))
     n, per = len(listing), opts.samples_per_shard
     loader = _image_loader(_SourceImages(listing, opts), list(_shard_batches(pending, n, per, opts.batch_size)),
                            opts, _collate)
@@ -574,6 +577,9 @@ def _write_shards(
                     "vae": {**info, "latent_size": int(moments16.shape[-1])},
                     "features": (
                         {"encoder": opts.encoder, "shape": list(feats16.shape[1:]), "dtype": "float16",
+                         # what training checks data.features against (encoder.resolution / pretrained)
+                         "resolution": opts.image_size, "pretrained": feature_weights[0],
+                         "weights": feature_weights[1],
                          **({"cls_token": True} if opts.encoder_cls_token else {})}
                         if feats16 is not None else None
                     ),

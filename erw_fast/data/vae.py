@@ -7,6 +7,7 @@ the same; the moments of the horizontally flipped image come from the same forwa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -36,14 +37,20 @@ def import_autoencoder_kl() -> type:
 def load_vae(name_or_path: str = DEFAULT_VAE, device: torch.device | str = "cpu") -> nn.Module:
     """Frozen float32 ``AutoencoderKL`` from a local directory or a hub name (the local cache is tried first)."""
     autoencoder_kl = import_autoencoder_kl()
+    # Without accelerate, diffusers falls back to a plain load and says so in a five-line warning at every load;
+    # asking for the plain load directly is the same load, silently (a VAE is small).
+    # float32 at load (torch_dtype), not by a cast afterwards, which diffusers warns about on every load.
+    opts: dict[str, Any] = {"torch_dtype": torch.float32}
+    if not importlib.util.find_spec("accelerate"):
+        opts["low_cpu_mem_usage"] = False
     if os.path.isdir(name_or_path):
-        vae = autoencoder_kl.from_pretrained(name_or_path)
+        vae = autoencoder_kl.from_pretrained(name_or_path, **opts)
     else:
         try:  # offline nodes: a cached copy must not need the network
-            vae = autoencoder_kl.from_pretrained(name_or_path, local_files_only=True)
+            vae = autoencoder_kl.from_pretrained(name_or_path, local_files_only=True, **opts)
         except Exception:  # noqa: BLE001 - not cached (the exception type depends on the hub client)
-            vae = autoencoder_kl.from_pretrained(name_or_path)
-    return vae.eval().requires_grad_(False).to(device=device, dtype=torch.float32)
+            vae = autoencoder_kl.from_pretrained(name_or_path, **opts)
+    return vae.eval().requires_grad_(False).to(device=device)
 
 
 def vae_info(vae: nn.Module, name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ CPU core. The data are the same as with workers (steps are assembled by step num
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,16 @@ import torch
 from erw_fast.data.batches import BatchAssembler
 from erw_fast.data.train_loader import TrainLoader, finish_shard_batch
 from erw_fast.stop_signals import children_inherit_blocked, loader_worker_init
+
+
+def quiet_worker_count_warning() -> None:
+    """torch warns (twice) at every DataLoader start when the workers exceed the usable cores, and again after any
+    change to the warning filters; the trainer's ``data:`` line says it once (``loaders.resolve_num_workers``)."""
+    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes",
+                            category=UserWarning)
+
+
+quiet_worker_count_warning()
 
 
 class _Steps(torch.utils.data.Sampler[int]):

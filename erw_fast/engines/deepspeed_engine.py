@@ -17,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,21 @@ from erw_fast.engines.deepspeed_files import NATIVE_DIR, UNIVERSAL_DIR, deepspee
 from erw_fast.engines.ds_config import build_deepspeed_config, load_user_json
 from erw_fast.engines.sharded_ema import ShardedEMA, _gathered
 from erw_fast.runtime import DistEnv
+
+
+def quiet_deprecated_collectives() -> None:
+    """DeepSpeed's ZeRO collectives call torch.distributed functions torch now marks deprecated
+    (all_gather_into_tensor, reduce_scatter_tensor, ...): a FutureWarning per rank and phase that the user cannot act
+    on. Silences these messages only."""
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base"
+                r"|_reduce_scatter_base|all_gather_coalesced|all_reduce_coalesced"
+                r"|distributed_c10d\._get_global_rank|reduce_op)` ",
+    )
+
+
+quiet_deprecated_collectives()  # at the import site of DeepSpeed
 
 
 def _free_port() -> int:
