@@ -496,6 +496,7 @@ def validate(config: Config) -> None:
                 f"{len(config.encoder.names)} encoders"
             )
     _check_reg(config)
+    _check_schedule(config)
     try:
         check_temperature(align.temperature)
     except ValueError as error:
@@ -516,6 +517,28 @@ def validate(config: Config) -> None:
             f"{config.model.patch_size or patch}"
         )
     _check_ranges(config)
+
+
+def _check_schedule(config: Config) -> None:
+    """alignment.schedule / stop_step: a stop inside the diffusion phase, the kinds that need one given it, ERW's
+    decay only where ERW runs, nothing to schedule without alignment."""
+    a, mode = config.alignment, config.run.mode
+    if mode == "sit":
+        if a.schedule != "auto" or a.stop_step is not None:
+            what = f"schedule={a.schedule}" if a.schedule != "auto" else f"stop_step={a.stop_step}"
+            raise ConfigError(f"alignment.{what}: run.mode=sit has no alignment to schedule")
+        return
+    if a.schedule == "erw" and not config.run.warmup:
+        raise ConfigError(f"alignment.schedule=erw: ERW's decay needs ERW's phases (run.mode erw / erw_reg), "
+                          f"run.mode is {mode!r}")
+    if a.schedule in ("hard_stop", "cosine") and a.stop_step is None:
+        raise ConfigError(f"alignment.stop_step: the {a.schedule} schedule needs its stop step (got none)")
+    if a.stop_step is not None:
+        start = config.erw.warmup_steps if config.run.warmup else 0
+        if not start < a.stop_step <= config.train.total_steps:
+            where = f"ERW's Phase 2 begins at erw.warmup_steps={start}" if config.run.warmup else "the run begins at 0"
+            raise ConfigError(f"alignment.stop_step={a.stop_step}: must be inside the diffusion phase, > its first "
+                              f"step ({where}) and ≤ train.total_steps={config.train.total_steps}")
 
 
 def _check_reg(config: Config) -> None:

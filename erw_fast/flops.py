@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # the config module imports nothing heavy, but keep flops imp
 
 FLOPS_PER_MAC = 2
 MATMUL, ELEMENTWISE = "matmul", "elementwise"
-PHASES = ("warmup", "full", "repa", "sit", "reg")
+PHASES = ("warmup", "full", "repa", "sit", "reg", "denoise")
+UNALIGNED = ("sit", "denoise")  # no projector, no teacher: plain SiT and the steps after the alignment stopped
 TIMESTEP_FREQ_DIM = 256  # SiT's sinusoidal timestep features
 
 # Elementwise estimates, FLOPs per element (forward). See the module docstring.
@@ -289,7 +290,7 @@ def sit_flops(
         blocks = shape.depth
     if encoder_depth is not None and not 1 <= encoder_depth <= shape.depth:
         raise ValueError(f"encoder_depth must be in [1, {shape.depth}], got {encoder_depth}")
-    zs = [] if phase == "sit" else list(z_dims)
+    zs = [] if phase in UNALIGNED else list(z_dims)
     prefix = int(cls_token_dim is not None)
     out = FlopBreakdown(
         f"{label} {phase}", batch,
@@ -416,7 +417,7 @@ def step_breakdown(
     on one device; default ``batch``). ``class_token``: REG's class token (the first encoder's width); default:
     for phase 'reg' only."""
     phase = check_phase(phase)
-    aligns = phase != "sit"
+    aligns = phase not in UNALIGNED
     from erw_fast.encoders import get_encoder_spec
 
     z_dims = [get_encoder_spec(e).embed_dim for e in encoders] if aligns else []

@@ -302,13 +302,14 @@ class SiT(_SiTTrunk):
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
-        cls_token: torch.Tensor | None = None,
+        cls_token: torch.Tensor | None = None, project: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """``project=False``: the projectors are skipped (``zs`` is empty), as after the alignment stopped."""
         h, c = self.embed(x, t, y, force_drop_ids, cls_token)
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             h = block(h, c, self.feat_rope)
-            if i + 1 == self.encoder_depth:
+            if project and i + 1 == self.encoder_depth:
                 zs = self.project(h)
         if self.cls_token_dim is None:
             return self.unpatchify(self.final_layer(h, c)), zs

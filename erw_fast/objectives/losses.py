@@ -130,6 +130,7 @@ def diffusion_loss(
     cls_token: torch.Tensor | None = None,
     cls_noise: torch.Tensor | None = None,
     cls_weight: float = 0.0,
+    project: bool = True,
 ) -> DiffusionLossOutput:
     """v-prediction MSE at t drawn from ``time_weighting`` (+ λ·alignment when features are given).
 
@@ -139,7 +140,9 @@ def diffusion_loss(
 
     REG (``cls_token``, the teacher's clean CLS, (B, Dc)): it is noised with the same path and t as the latent
     (``cls_noise``, drawn after the latent noise when not given), the model predicts its velocity from token 0,
-    and ``cls_weight`` · the per-sample mean over Dc of its squared error, averaged over the batch, is added."""
+    and ``cls_weight`` · the per-sample mean over Dc of its squared error, averaged over the batch, is added.
+
+    ``project=False`` asks the model not to run its projectors (once the alignment weights are 0 for good)."""
     if t is None:
         t = interpolant.sample_time(
             latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
@@ -148,14 +151,15 @@ def diffusion_loss(
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
     x_t, target = interpolant.interpolate(latents, noise, t)
     extra = () if force_drop_ids is None else (force_drop_ids,)
+    skip = {} if project else {"project": False}  # only then: any model keeps working with the plain call
     if cls_token is None:
-        prediction, projs = model(x_t, t, labels, *extra)
+        prediction, projs = model(x_t, t, labels, *extra, **skip)
     else:
         if cls_noise is None:
             cls_noise = torch.randn(cls_token.shape, device=cls_token.device, dtype=cls_token.dtype,
                                     generator=generator)
         cls_t, cls_target = interpolant.interpolate(cls_token, cls_noise, t)
-        prediction, projs, cls_prediction = model(x_t, t, labels, *extra, cls_token=cls_t)
+        prediction, projs, cls_prediction = model(x_t, t, labels, *extra, cls_token=cls_t, **skip)
     diffusion = mean_flat((prediction.float() - target.float()) ** 2).mean()
     loss, align, cls = diffusion, None, None
     if encoder_features is not None and alignment is not None:
