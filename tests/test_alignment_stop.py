@@ -347,3 +347,32 @@ def test_two_ranks_through_the_stop_match_one_process(tmp_path):
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "loss_diffusion", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+
+
+# ------------------------------------------------------------------------------------- the benchmark and FLOPs
+
+
+@pytest.mark.slow
+def test_bench_times_the_steps_after_the_stop_and_flops_drop_the_teacher_and_projector():
+    """``erw-bench train --phases repa,denoise``: the post-stop step runs (no teacher: its encoder region is
+    empty) and costs the REPA step less the teacher's forward and the projector's forward + backward."""
+    from erw_fast import flops as F
+    from erw_fast.bench import train as bench_train
+
+    tiny = ["model.name=SiT-S/2", "model.input_size=8", "model.depth=2", "model.hidden_size=64",
+            "model.num_heads=2", "model.num_classes=10", "model.projector_dim=64", "encoder.names=[demo-vit-t]",
+            "encoder.resolution=64", "data.image_size=64", "train.precision=fp32", "alignment.backend=torch",
+            "alignment.encoder_depth=2"]
+    settings = bench_train.TrainSettings(overrides=tiny, phases=["repa", "denoise"], batches=[2], steps=1,
+                                         warmup=0, device="cpu")
+    doc = bench_train.run_train_benchmark(settings)
+    repa, denoise = doc["results"]
+    assert repa["status"] == denoise["status"] == "ok" and denoise["phase"] == "denoise"
+    assert repa["breakdown_median_s"]["encoder"] > 0 and denoise["breakdown_median_s"]["encoder"] < 1e-4
+    config = bench_train.bench_config(settings, "denoise", 2, torch.device("cpu"))
+    assert [p.name for p in plan_phases(config, Teacher(), "torch")] == ["repa", "denoise"]
+    r = F.step_flops(config, "repa")
+    projector = F.projector_flops(64, 2, 16, [192], 64)
+    expected = r["total"] - r["encoder_forward"] - projector.training()
+    assert denoise["gflops_per_step"] * 1e9 == pytest.approx(expected, rel=1e-12)
+    assert F.step_flops(config, "denoise")["total"] == F.step_flops(config, "sit")["total"]
