@@ -19,7 +19,8 @@ Conventions
   query side is trained, so its logits' backward is 1× (dq). Elementwise backward ≈ 2× forward.
 - **Phases.** ERW Phase 1 ("warmup") trains embedders + the first L blocks + the projector(s) and runs the frozen
   encoder forward; Phase 2 ("full"), REPA ("repa") train the whole SiT with projector(s) plus the encoder forward;
-  plain SiT ("sit") has neither projector nor encoder; REG ("reg") is REPA with the class token.
+  plain SiT ("sit") has neither projector nor encoder, nor have the steps after the alignment stopped ("denoise");
+  REG ("reg") is REPA with the class token.
 - **REG's class token** (``cls_token_dim``; phase "reg", or any phase with ``class_token=True``): every block,
   the final layer's norm and the projectors run on 1 + N tokens, plus the class token's embedder (Linear Dc→D,
   whose input needs no gradient: backward 1×) and head (Linear D→Dc); the alignment covers 1 + N tokens. The
@@ -266,11 +267,11 @@ def sit_flops(
 
     ``model``: a name ('SiT-XL/2') with constructor ``overrides`` (input_size, depth, hidden_size, …), or a
     mapping of SiT constructor keywords. ``phase``: 'full' / 'repa' (the whole SiT + projectors), 'warmup' (ERW
-    Phase 1: embedders + first ``warmup_depth`` blocks + projectors), 'sit' (the whole SiT, no projector), 'reg'
-    (REPA's with REG's class token). ``z_dims=()`` also drops the projectors. ``encoder_depth`` only checks the
-    value (where the projector reads does not change the FLOPs). ``attention_recompute`` adds FlashAttention's
-    recomputed Q·Kᵀ to the backward. ``cls_token_dim``: REG's class token in any phase (default for 'reg':
-    ``z_dims[0]``).
+    Phase 1: embedders + first ``warmup_depth`` blocks + projectors), 'sit' / 'denoise' (the whole SiT, no
+    projector), 'reg' (REPA's with REG's class token). ``z_dims=()`` also drops the projectors.
+    ``encoder_depth`` only checks the value (where the projector reads does not change the FLOPs).
+    ``attention_recompute`` adds FlashAttention's recomputed Q·Kᵀ to the backward. ``cls_token_dim``: REG's class
+    token in any phase (default for 'reg': ``z_dims[0]``).
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; choose one of {PHASES}")

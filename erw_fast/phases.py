@@ -52,6 +52,7 @@ class Phase:
     monitored: bool = True  # the EMA monitors (samples, CKNNA, FID) run in this phase
     exported: bool = True  # a run that ends in this phase writes the reference-layout export
     class_token: bool = False  # REG: the model takes the first encoder's CLS token as token 0
+    keeps_state: bool = False  # entered with the previous phase's optimizer state (after the alignment stopped)
 
     def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective) -> None:
         self.start, self.end = start, end
@@ -220,7 +221,7 @@ class DenoisePhase(DiffusionPhase):
     keeps following their frozen weights."""
 
     name = "denoise"
-    keeps_state = True  # the hand-over into this phase keeps the optimizer state (ERW's phase switch drops it)
+    keeps_state = True  # the hand-over keeps the optimizer state (ERW's phase switch drops it)
 
     def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
                  interpolant: Interpolant, encoder_depth: int, after: str) -> None:

@@ -149,7 +149,7 @@ class Trainer:
         """The previous phase's weights (fp32 masters, gathered under ZeRO) seed the next phase's model; the
         previous optimizer state is dropped and the engine rebuilt. Into a phase that keeps the state (the
         alignment stopped): ``_stop_alignment``."""
-        if getattr(phase, "keeps_state", False):
+        if phase.keeps_state:
             self._stop_alignment(phase)
             return
         started = time.perf_counter()
