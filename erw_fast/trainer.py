@@ -181,6 +181,17 @@ class Trainer:
         self.loader.close()
         self.loader = self._build_loader(step)  # without images from here on
         self.loader.restore_skip_count(skipped)
+        self._release_teacher()
+
+    def _release_teacher(self) -> None:
+        """After the alignment stopped nothing calls the teacher but the CKNNA monitor: without it, free it."""
+        if self.config.logging.cknna_every or not self.teacher.encoders:
+            return
+        self.teacher.release()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.log("teacher released: its encoders are not called after the alignment stopped")
 
     # --------------------------------------------------------------------------------------- checkpoints
 
@@ -259,6 +270,8 @@ class Trainer:
         if source is not None:
             step = self._restore(source, state, honoured)
             del state
+            if self.phase.keeps_state:  # resumed after the alignment stopped
+                self._release_teacher()
         elif c.checkpoint.init_from_reference:
             step = self._init_from_reference(c.checkpoint.init_from_reference)
         else:

@@ -256,6 +256,7 @@ def test_repa_hard_stop_switches_the_teacher_off_and_keeps_the_optimizer_state(t
     line = ("alignment weights are 0 from step 7 on: teacher, projector, attention capture and image decode switched "
             "off")
     assert out.count(line) == 1 and "phase denoise: steps [7, 12)" in out
+    assert out.count("teacher released") == 1 and (config.run_dir / "reference" / "0000012.pt").is_file()
     assert [(r["step"], r["phase"]) for r in seen] == [(s, "repa" if s < 7 else "denoise") for s in range(12)]
     assert all(r["images"] and r["teacher"] == 1 for r in seen[:7])
     assert not any(r["images"] or r["teacher"] for r in seen[7:])

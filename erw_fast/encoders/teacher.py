@@ -16,11 +16,17 @@ class Teacher:
 
     def __init__(self, encoders: list[nn.Module] | None = None) -> None:
         self.encoders: list[nn.Module] = list(encoders or [])
+        self._released_z_dims: list[int] = []
 
     @property
     def z_dims(self) -> list[int]:
         """The projector widths the SiT needs: one per encoder (none for plain SiT)."""
-        return [int(e.embed_dim) for e in self.encoders]
+        return [int(e.embed_dim) for e in self.encoders] or list(self._released_z_dims)
+
+    def release(self) -> None:
+        """Drop the encoders (their memory) once nothing calls them (the alignment stopped); the projector widths
+        stay known, for the model and its export."""
+        self._released_z_dims, self.encoders = self.z_dims, []
 
     @torch.no_grad()
     def targets(self, batch: dict[str, torch.Tensor], sl: slice, with_cls: bool = False) -> list[torch.Tensor]:
