@@ -208,6 +208,14 @@ def test_terminated_step_matches_haste_from_the_recorded_draws(golden_dir, tmp_p
 REPA_STOP = ["run.mode=repa", "alignment.schedule=hard_stop", "alignment.stop_step=7", "train.total_steps=12"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The REPA run with a hard stop at 7 of 12 steps, in one process, in one go: its run directory."""
+    config = tiny_config(tmp_path_factory.mktemp("uninterrupted"), "whole", *REPA_STOP)
+    Trainer(config).run()
+    return config.run_dir
+
+
 def _watched_run(config, monkeypatch):
     """Run ``config``, recording per step: the phase, whether the batch had images, the teacher's calls."""
     seen: list[dict] = []
@@ -297,9 +305,7 @@ def test_repa_hard_stop_switches_the_teacher_off_and_keeps_the_optimizer_state(t
 
 
 @pytest.mark.slow
-def test_resume_across_the_stop_is_exact(tmp_path):
-    whole = tiny_config(tmp_path, "whole", *REPA_STOP)
-    Trainer(whole).run()
+def test_resume_across_the_stop_is_exact(tmp_path, uninterrupted):
     for budget in (6, 2, None):  # stops at E-1 = 6 and at E+1 = 8
         extra = [] if budget is None else [f"train.max_steps_per_run={budget}"]
         Trainer(tiny_config(tmp_path, "pieces", *REPA_STOP, *extra)).run()
@@ -307,8 +313,8 @@ def test_resume_across_the_stop_is_exact(tmp_path):
         extra = [] if budget is None else [f"train.max_steps_per_run={budget}"]
         Trainer(tiny_config(tmp_path, "at_stop", *REPA_STOP, *extra)).run()
     for name in ("pieces", "at_stop"):
-        _assert_same_run(whole.run_dir, tmp_path / name)
-        a, b = _final(whole.run_dir), _final(tmp_path / name)
+        _assert_same_run(uninterrupted, tmp_path / name)
+        a, b = _final(uninterrupted), _final(tmp_path / name)
         assert a["phase"] == b["phase"] == "denoise"
         for part in ("model", "ema"):
             assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (name, part)
@@ -337,13 +343,11 @@ def test_erw_with_a_hard_stop_inside_phase_2(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_ranks_through_the_stop_match_one_process(tmp_path):
+def test_two_ranks_through_the_stop_match_one_process(tmp_path, uninterrupted):
     """DDP over gloo, 2 ranks (the projector is ignored by DDP after the stop) = one process, to rounding."""
-    one = tiny_config(tmp_path, "one", *REPA_STOP)
-    Trainer(one).run()
     out = launch(tmp_path, "two", *REPA_STOP)
     assert "global 8 = 2 device(s) × 4 per device" in out and "alignment weights are 0 from step 7 on" in out
-    a, b = read(one.run_dir), read(tmp_path / "two")
+    a, b = read(uninterrupted), read(tmp_path / "two")
     assert [r["phase"] for r in a] == [r["phase"] for r in b] == ["repa"] * 7 + ["denoise"] * 5
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "loss_diffusion", "grad_norm"):
@@ -377,3 +381,20 @@ def test_bench_times_the_steps_after_the_stop_and_flops_drop_the_teacher_and_pro
     expected = r["total"] - r["encoder_forward"] - projector.training()
     assert denoise["gflops_per_step"] * 1e9 == pytest.approx(expected, rel=1e-12)
     assert F.step_flops(config, "denoise")["total"] == F.step_flops(config, "sit")["total"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_deepspeed_zero3_through_the_stop_and_resumed_after_it(tmp_path, uninterrupted):
+    """DeepSpeed ZeRO-3 on 2 ranks (gloo): the hand-over restores its native checkpoint at E; stopped at E+1 and
+    resumed, the run gives the one-process run's losses to rounding."""
+    args = (*REPA_STOP, "engine.zero_stage=3")
+    first = launch(tmp_path, "z3", *args, "train.max_steps_per_run=8", launcher="deepspeed")
+    assert "ZeRO-3 over 2 rank(s)" in first and "alignment weights are 0 from step 7 on" in first
+    second = launch(tmp_path, "z3", *args, launcher="deepspeed")
+    assert "at step 8 (phase denoise)" in second and "alignment weights are 0" not in second
+    a, b = read(uninterrupted), read(tmp_path / "z3")
+    assert [r["phase"] for r in a] == [r["phase"] for r in b] == ["repa"] * 7 + ["denoise"] * 5
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
