@@ -122,8 +122,9 @@ class AlignmentConfig:
     manifold_weight: float = 0.0
     # λ over the steps of the diffusion phase: auto (erw in ERW's Phase 2, constant otherwise) | constant | erw |
     # hard_stop (constant until stop_step, HASTE) | cosine (to 0 at stop_step). A stop_step with constant / erw
-    # stops them there. Once every alignment weight is 0 for good, the teacher, projector, attention capture
-    # and image decode stop running.
+    # stops them there (a global step: the step with stop_step completed steps is the first unaligned one). Once
+    # every alignment weight is 0 for good, the teacher, projector, attention capture and image decode stop
+    # running (the run goes on in the phase "denoise"; not with REG, whose class token is the teacher's CLS).
     schedule: Literal["auto", "constant", "erw", "hard_stop", "cosine"] = "auto"
     stop_step: int | None = None
 
