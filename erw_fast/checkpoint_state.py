@@ -133,7 +133,8 @@ def reference_start(path: str | Path, phases: Sequence[Phase],
     ref = import_reference_checkpoint(path)
     weights = ref["model"]
     is_warmup = not any(k.startswith("final_layer.") for k in weights)
-    phase = phases[0] if is_warmup else phases[-1]
+    aligned = [p for p in phases if not p.keeps_state]  # not the phase after the alignment stopped
+    phase = phases[0] if is_warmup else aligned[-1]
     if is_warmup and not isinstance(phase, WarmupPhase):
         raise ConfigError(f"{path} is a warmup (Phase-1) checkpoint, but run.mode is {mode!r}")
     ema = ref["ema"] if ref["ema"] is not None else weights

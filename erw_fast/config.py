@@ -125,8 +125,9 @@ class AlignmentConfig:
     manifold_weight: float = 0.0
     # λ over the steps of the diffusion phase: auto (erw in ERW's Phase 2, constant otherwise) | constant | erw |
     # hard_stop (constant until stop_step, HASTE) | cosine (to 0 at stop_step). A stop_step with constant / erw
-    # stops them there. Once every alignment weight is 0 for good, the teacher, projector, attention capture
-    # and image decode stop running.
+    # stops them there (a global step: the step with stop_step completed steps is the first unaligned one). Once
+    # every alignment weight is 0 for good, the teacher, projector, attention capture and image decode stop
+    # running (the run goes on in the phase "denoise"; not with REG, whose class token is the teacher's CLS).
     schedule: Literal["auto", "constant", "erw", "hard_stop", "cosine"] = "auto"
     stop_step: int | None = None
 
@@ -508,6 +509,7 @@ def validate(config: Config) -> None:
     _check_reg(config)
     _check_alignment_family(config)
     _check_haste(config, depth)
+    _check_schedule(config)
     try:
         check_temperature(align.temperature)
     except ValueError as error:
@@ -542,6 +544,28 @@ def _check_alignment_family(config: Config) -> None:
     if a.projector == "conv" and config.run.class_token:
         raise ConfigError(f"alignment.projector: 'conv' needs a square token grid and run.mode={config.run.mode} puts "
                           "REG's class token in front (use alignment.projector=mlp)")
+
+
+def _check_schedule(config: Config) -> None:
+    """alignment.schedule / stop_step: a stop inside the diffusion phase, the kinds that need one given it, ERW's
+    decay only where ERW runs, nothing to schedule without alignment."""
+    a, mode = config.alignment, config.run.mode
+    if mode == "sit":
+        if a.schedule != "auto" or a.stop_step is not None:
+            what = f"schedule={a.schedule}" if a.schedule != "auto" else f"stop_step={a.stop_step}"
+            raise ConfigError(f"alignment.{what}: run.mode=sit has no alignment to schedule")
+        return
+    if a.schedule == "erw" and not config.run.warmup:
+        raise ConfigError(f"alignment.schedule=erw: ERW's decay needs ERW's phases (run.mode erw / erw_reg), "
+                          f"run.mode is {mode!r}")
+    if a.schedule in ("hard_stop", "cosine") and a.stop_step is None:
+        raise ConfigError(f"alignment.stop_step: the {a.schedule} schedule needs its stop step (got none)")
+    if a.stop_step is not None:
+        start = config.erw.warmup_steps if config.run.warmup else 0
+        if not start < a.stop_step <= config.train.total_steps:
+            where = f"ERW's Phase 2 begins at erw.warmup_steps={start}" if config.run.warmup else "the run begins at 0"
+            raise ConfigError(f"alignment.stop_step={a.stop_step}: must be inside the diffusion phase, > its first "
+                              f"step ({where}) and ≤ train.total_steps={config.train.total_steps}")
 
 
 def _check_reg(config: Config) -> None:

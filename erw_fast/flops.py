@@ -19,7 +19,8 @@ Conventions
   query side is trained, so its logits' backward is 1× (dq). Elementwise backward ≈ 2× forward.
 - **Phases.** ERW Phase 1 ("warmup") trains embedders + the first L blocks + the projector(s) and runs the frozen
   encoder forward; Phase 2 ("full"), REPA ("repa") train the whole SiT with projector(s) plus the encoder forward;
-  plain SiT ("sit") has neither projector nor encoder; REG ("reg") is REPA with the class token.
+  plain SiT ("sit") has neither projector nor encoder, nor have the steps after the alignment stopped ("denoise");
+  REG ("reg") is REPA with the class token.
 - **REG's class token** (``cls_token_dim``; phase "reg", or any phase with ``class_token=True``): every block,
   the final layer's norm and the projectors run on 1 + N tokens, plus the class token's embedder (Linear Dc→D,
   whose input needs no gradient: backward 1×) and head (Linear D→Dc); the alignment covers 1 + N tokens. The
@@ -38,7 +39,8 @@ if TYPE_CHECKING:  # the config module imports nothing heavy, but keep flops imp
 
 FLOPS_PER_MAC = 2
 MATMUL, ELEMENTWISE = "matmul", "elementwise"
-PHASES = ("warmup", "full", "repa", "sit", "reg")
+PHASES = ("warmup", "full", "repa", "sit", "reg", "denoise")
+UNALIGNED = ("sit", "denoise")  # no projector, no teacher: plain SiT and the steps after the alignment stopped
 TIMESTEP_FREQ_DIM = 256  # SiT's sinusoidal timestep features
 
 # Elementwise estimates, FLOPs per element (forward). See the module docstring.
@@ -277,7 +279,8 @@ def sit_flops(
 
     ``model``: a name ('SiT-XL/2') with constructor ``overrides`` (input_size, depth, hidden_size, …), or a
     mapping of SiT constructor keywords. ``phase``: 'full' / 'repa' (the whole SiT + projectors), 'warmup' (ERW
-    Phase 1: embedders + first ``warmup_depth`` blocks + projectors), 'sit' (the whole SiT, no projector), 'reg'
+    Phase 1: embedders + first ``warmup_depth`` blocks + projectors), 'sit' / 'denoise' (the whole SiT, no
+    projector), 'reg'
     (REPA's with REG's class token). ``z_dims=()`` also drops the projectors. ``encoder_depth`` only checks the
     value (where the projector reads does not change the FLOPs). ``attention_recompute`` adds FlashAttention's
     recomputed Q·Kᵀ to the backward. ``cls_token_dim``: REG's class token in any phase (default for 'reg':
@@ -305,7 +308,7 @@ def sit_flops(
         blocks = shape.depth
     if encoder_depth is not None and not 1 <= encoder_depth <= shape.depth:
         raise ValueError(f"encoder_depth must be in [1, {shape.depth}], got {encoder_depth}")
-    zs = [] if phase == "sit" else list(z_dims)
+    zs = [] if phase in UNALIGNED else list(z_dims)
     prefix = int(cls_token_dim is not None)
     out = FlopBreakdown(
         f"{label} {phase}", batch,
@@ -442,7 +445,7 @@ def step_breakdown(
     for phase 'reg' only. ``projector``, ``projector_kernel_size``: the projector type (iREPA's conv);
     ``manifold``: U-REPA's manifold loss beside the alignment objective."""
     phase = check_phase(phase)
-    aligns = phase != "sit"
+    aligns = phase not in UNALIGNED
     from erw_fast.encoders import get_encoder_spec
 
     z_dims = [get_encoder_spec(e).embed_dim for e in encoders] if aligns else []

@@ -10,6 +10,9 @@ next phase and what it logs; the trainer runs them in order and never asks which
   or ERW's Phase 2 with REG (λ decaying).
 - ``RegWarmupPhase``: ERW's warmup on the class-token model (clean CLS at t = 0, 1 + N tokens aligned), this
   project's extension.
+- ``DenoisePhase``: what follows a diffusion phase once every alignment weight is 0 for good (HASTE's
+  ``denoise_only``): the same model, optimizer, EMA and step count, the diffusion loss alone; no teacher, no
+  projector, no attention capture, no images.
 
 One global step counter runs over the whole run: phase k covers steps [start, end).
 """
@@ -22,13 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from erw_fast.config import Config
+from erw_fast.config import Config, ConfigError
 from erw_fast.encoders.teacher import Teacher, TeacherTargets
 from erw_fast.models import SiT, SiTPhase1, TransferReport, transfer_phase1_weights
 from erw_fast.objectives import (
     AlignmentObjective,
     AttentionDistillation,
-    ConstantLambda,
     ERWLambdaSchedule,
     Interpolant,
     WeightSchedule,
@@ -52,6 +54,7 @@ class Phase:
     monitored: bool = True  # the EMA monitors (samples, CKNNA, FID) run in this phase
     exported: bool = True  # a run that ends in this phase writes the reference-layout export
     class_token: bool = False  # REG: the model takes the first encoder's CLS token as token 0
+    keeps_state: bool = False  # entered with the previous phase's optimizer state (after the alignment stopped)
 
     def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective) -> None:
         self.start, self.end = start, end
@@ -168,9 +171,8 @@ class DiffusionPhase(Phase):
     attn_lam(step)·attention distillation (``attn``: which blocks and heads; None: off)."""
 
     def __init__(self, name: str, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
-                 interpolant: Interpolant, encoder_depth: int,
-                 lam: ERWLambdaSchedule | ConstantLambda | None, attn: AttentionDistillation | None = None,
-                 attn_lam: WeightSchedule | None = None) -> None:
+                 interpolant: Interpolant, encoder_depth: int, lam: WeightSchedule | None,
+                 attn: AttentionDistillation | None = None, attn_lam: WeightSchedule | None = None) -> None:
         super().__init__(start, end, teacher, alignment)
         self.name, self.aligns = name, lam is not None
         self.interpolant, self.encoder_depth, self.lam = interpolant, encoder_depth, lam
@@ -251,7 +253,7 @@ class RegPhase(DiffusionPhase):
     class_token = True
 
     def __init__(self, name: str, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
-                 interpolant: Interpolant, encoder_depth: int, lam: ERWLambdaSchedule | ConstantLambda,
+                 interpolant: Interpolant, encoder_depth: int, lam: WeightSchedule,
                  cls_weight: float, attn: AttentionDistillation | None = None,
                  attn_lam: WeightSchedule | None = None) -> None:
         super().__init__(name, start, end, teacher, alignment, interpolant=interpolant, encoder_depth=encoder_depth,
@@ -265,6 +267,79 @@ class RegPhase(DiffusionPhase):
                 "cls_weight": self.cls_weight}
 
 
+class DenoisePhase(DiffusionPhase):
+    """The rest of the run once every alignment weight of the diffusion phase ``after`` is 0 for good (HASTE's
+    ``denoise_only``, from its early-stop point on): the same SiT, the diffusion loss alone. The trainer carries
+    the model, optimizer state, EMA and skip counters over through the checkpoint at ``start`` (as a resume
+    does), and the loader stops reading images. The projectors stay in the model (and its checkpoints and
+    exports) but are not run: they get no gradient (AdamW skips them, DDP is told to ignore them) and the EMA
+    keeps following their frozen weights."""
+
+    name = "denoise"
+    keeps_state = True  # the hand-over keeps the optimizer state (ERW's phase switch drops it)
+
+    def __init__(self, start: int, end: int, teacher: Teacher, alignment: AlignmentObjective, *,
+                 interpolant: Interpolant, encoder_depth: int, after: str) -> None:
+        super().__init__("denoise", start, end, teacher, alignment, interpolant=interpolant,
+                         encoder_depth=encoder_depth, lam=None)
+        self.after = after  # the aligned phase it continues
+
+    def build_model(self, sit_kwargs: dict[str, Any]) -> nn.Module:
+        model = super().build_model(sit_kwargs)
+        # Parameters that get no gradient from here on: the engine tells DDP not to wait for them.
+        model.unused_parameters = [n for n, _ in model.named_parameters() if n.startswith("projectors.")]
+        return model
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sl: slice,
+             targets: Sequence[torch.Tensor] | None, draw: StepDraw, step: int, keys: Keys | None = None) -> Losses:
+        latents = batch["latents"][sl]
+        out = diffusion_loss(model, latents, batch["labels"][sl], self.interpolant, t=draw.t.to(latents.dtype),
+                             noise=draw.noise.to(latents.dtype), force_drop_ids=draw.drop_labels, project=False)
+        return out.loss, {"loss": out.loss, "loss_diffusion": out.diffusion}
+
+    def alignment_weight(self, step: int) -> float:
+        return 0.0
+
+    def describe(self, device: torch.device) -> str:
+        return (f"alignment stopped after phase {self.after}: diffusion loss only (teacher, projector, attention "
+                "capture and image decode switched off)")
+
+
+def alignment_schedule(config: Config, start: int, erw: ERWLambdaSchedule | None) -> WeightSchedule:
+    """λ of the diffusion phase that begins at ``start`` from ``alignment.schedule/weight/stop_step``; ``erw``:
+    ERW's decay in its Phase 2 (None in the other modes). auto: erw in ERW's Phase 2, constant otherwise."""
+    a = config.alignment
+    kind = a.schedule if a.schedule != "auto" else ("erw" if erw is not None else "constant")
+    try:
+        return weight_schedule(kind, a.weight, start=start, stop_step=a.stop_step, erw=erw)
+    except ValueError as error:
+        raise ConfigError(f"alignment.schedule={a.schedule}: {error}") from None
+
+
+def stop_point(phase: DiffusionPhase) -> int | None:
+    """The first step from which every alignment term of ``phase`` is 0 for good (the max of the terms'
+    ``zero_from``; None when one never reaches 0). The terms: λ and HASTE's attention weight ``attn_lam``."""
+    terms = [w for w in (phase.lam, getattr(phase, "attn_lam", None)) if w is not None]
+    ends = [w.zero_from for w in terms]
+    if not terms or any(e is None for e in ends):
+        return None
+    return max(ends)
+
+
+def with_stop(phase: DiffusionPhase) -> list[Phase]:
+    """``phase``, cut at its stop point E and followed by a ``DenoisePhase`` over [E, end) when its alignment
+    terms are 0 for good from a step inside it. Not for REG: its class token is the teacher's CLS at every
+    step, so the teacher keeps running (λ is 0 all the same). A weight that is 0 from the phase's first step
+    changes nothing either (the phase runs as it always did; run.mode sit trains without a teacher)."""
+    e = stop_point(phase)
+    if e is None or phase.class_token or not phase.start < e < phase.end:
+        return [phase]
+    denoise = DenoisePhase(e, phase.end, phase.teacher, phase.alignment, interpolant=phase.interpolant,
+                           encoder_depth=phase.encoder_depth, after=phase.name)
+    phase.end = e
+    return [phase, denoise]
+
+
 def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> list[Phase]:
     """The run's phases in order: ERW (erw, erw_reg) = warmup then full; REPA, REG and plain SiT are one phase."""
     c = config
@@ -274,12 +349,14 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
                                    projector=f"conv k={a.projector_kernel_size}" if a.projector == "conv" else "mlp")
     total = c.train.total_steps
 
-    def full(name: str, start: int, lam: ERWLambdaSchedule | ConstantLambda | None) -> DiffusionPhase:
+    def full(name: str, start: int, lam: WeightSchedule | None) -> list[Phase]:
         common = dict(interpolant=Interpolant(c.diffusion.path_type), encoder_depth=a.encoder_depth, lam=lam,
                       **_haste_term(c, start))
         if c.run.class_token:
-            return RegPhase(name, start, total, teacher, alignment, cls_weight=c.reg.cls_weight, **common)
-        return DiffusionPhase(name, start, total, teacher, alignment, **common)
+            phase = RegPhase(name, start, total, teacher, alignment, cls_weight=c.reg.cls_weight, **common)
+        else:
+            phase = DiffusionPhase(name, start, total, teacher, alignment, **common)
+        return with_stop(phase)
 
     if c.run.warmup:
         e = c.erw
@@ -288,10 +365,11 @@ def plan_phases(config: Config, teacher: Teacher, alignment_backend: str) -> lis
         warmup = kind(0, e.warmup_steps, teacher, alignment, depth=e.warmup_depth,
                       reuse_projector=e.reuse_projector, legacy_loss=e.legacy_warmup_loss,
                       weight=e.warmup_loss_weight, rope=e.warmup_rope)
-        return [warmup, full("full", e.warmup_steps, ERWLambdaSchedule(c0, e.warmup_steps, total, e.half_life))]
+        erw = ERWLambdaSchedule(c0, e.warmup_steps, total, e.half_life)
+        return [warmup, *full("full", e.warmup_steps, alignment_schedule(c, e.warmup_steps, erw))]
     if c.run.mode in ("repa", "reg"):
-        return [full(c.run.mode, 0, ConstantLambda(a.weight))]
-    return [full("sit", 0, None)]
+        return full(c.run.mode, 0, alignment_schedule(c, 0, None))
+    return full("sit", 0, None)
 
 
 def _haste_term(c: Config, start: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from erw_fast.checkpoint import CHECKPOINT_SUBDIR, checkpoint_name, load_checkpoint
 from erw_fast.checkpoint_state import (
     PhaseStats,
     RunState,
@@ -106,9 +107,17 @@ class Trainer:
         c = self.config
         where = {"global_batch_size": self.batch.global_batch, "rank": self.env.rank,
                  "world_size": self.env.world_size, **placement}
+        aligned = self._phase_at(start_step).aligns  # none after the alignment stopped: no images, no features
+        if not aligned and data is None:
+            data = dataclasses.replace(c.data, features=False)
         return build_loader(data or c.data, seed=c.run.seed, start_step=start_step, device=self.device,
-                            num_classes=c.model.num_classes, images=c.run.mode != "sit" and not c.data.features,
+                            num_classes=c.model.num_classes,
+                            images=c.run.mode != "sit" and not c.data.features and aligned,
                             latent_size=c.model.input_size, latent_channels=c.model.in_channels, **where)
+
+    def _phase_at(self, step: int) -> Phase:
+        """The phase that runs step ``step`` (the last one at or past the end)."""
+        return next((p for p in self.phases if p.start <= step < p.end), self.phases[-1])
 
     def _held_out_batch(self, n: int) -> dict[str, torch.Tensor]:
         """The monitors' fixed batch: the data order's first n samples, read in this process and released."""
@@ -138,7 +147,11 @@ class Trainer:
 
     def _hand_over(self, phase: Phase) -> None:
         """The previous phase's weights (fp32 masters, gathered under ZeRO) seed the next phase's model; the
-        previous optimizer state is dropped and the engine rebuilt."""
+        previous optimizer state is dropped and the engine rebuilt. Into a phase that keeps the state (the
+        alignment stopped): ``_stop_alignment``."""
+        if phase.keeps_state:
+            self._stop_alignment(phase)
+            return
         started = time.perf_counter()
         weights = self.engine.full_model_state()
         self.engine.close()
@@ -148,6 +161,37 @@ class Trainer:
         if report is not None:
             self.log(f"ERW transfer at step {phase.start}: {report.summary()} (weights gathered, engine rebuilt for "
                      f"the {phase.name} model: {time.perf_counter() - started:.2f}s)")
+
+    def _stop_alignment(self, phase: Phase) -> None:
+        """Every alignment weight is 0 from ``phase.start`` = E on: continue in ``phase`` (no teacher, projector,
+        attention capture or images) with the same weights, optimizer state, EMA and counters. They travel through
+        the checkpoint at E, restored as a resume restores it, so a run resumed across E is the same run."""
+        step = phase.start
+        path = self.run_dir / CHECKPOINT_SUBDIR / f"{checkpoint_name(step)}.pt"
+        self.log(f"alignment weights are 0 from step {step} on: teacher, projector, attention capture and image "
+                 f"decode switched off; model, optimizer state and EMA carried over through {path.name}")
+        if self._saved_step != step:
+            self._save(step)
+        state = load_checkpoint(path, map_location=self.device)
+        self.engine.close()
+        self._enter_phase(phase, self._new_model(phase), resume_info=state.get("engine"))
+        self.engine.load_checkpoint_state(state, path.parent)
+        del state
+        skipped = self.loader.position(step)["skipped"]
+        self.loader.close()
+        self.loader = self._build_loader(step)  # without images from here on
+        self.loader.restore_skip_count(skipped)
+        self._release_teacher()
+
+    def _release_teacher(self) -> None:
+        """After the alignment stopped nothing calls the teacher but the CKNNA monitor: without it, free it."""
+        if self.config.logging.cknna_every or not self.teacher.encoders:
+            return
+        self.teacher.release()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.log("teacher released: its encoders are not called after the alignment stopped")
 
     # --------------------------------------------------------------------------------------- checkpoints
 
@@ -226,6 +270,8 @@ class Trainer:
         if source is not None:
             step = self._restore(source, state, honoured)
             del state
+            if self.phase.keeps_state:  # resumed after the alignment stopped
+                self._release_teacher()
         elif c.checkpoint.init_from_reference:
             step = self._init_from_reference(c.checkpoint.init_from_reference)
         else:

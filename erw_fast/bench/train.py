@@ -27,7 +27,11 @@ from erw_fast.bench.gpu_monitor import GpuMonitor, gpu_telemetry_unavailable
 from erw_fast.config import Config, load_config
 
 REGIONS = ("data", "encoder", "forward", "backward", "optimizer", "ema")
-MODES = {"warmup": "erw", "full": "erw", "repa": "repa", "sit": "sit", "reg": "reg"}  # each phase's run.mode
+MODES = {"warmup": "erw", "full": "erw", "repa": "repa", "sit": "sit", "reg": "reg",  # each phase's run.mode
+         "denoise": "repa"}
+# "denoise": the steps after the alignment stopped (REPA with a hard stop at step 1, timed after it): no teacher,
+# projector or images, on the same model, to compare with "repa" (before the stop).
+STOPPED = ("alignment.schedule=hard_stop", "alignment.stop_step=1")
 
 
 class RegionTimer:
@@ -124,7 +128,7 @@ def bench_config(s: TrainSettings, phase: str, batch: int, device: torch.device,
     """The config one measurement trains with: the user's config and overrides, then this case's settings (a
     ``train.micro_batch_size`` the user sets is kept: the step then accumulates, as the trainer would)."""
     case = [f"run.mode={MODES[F.check_phase(phase)]}", f"run.device={device.type}", f"run.seed={s.seed}",
-            f"train.global_batch_size={batch}"]
+            f"train.global_batch_size={batch}", *(STOPPED if phase == "denoise" else ())]
     for key, value in (("train.precision", s.precision), ("train.compile", compiled),
                        ("train.compile_scope", s.compile_scope), ("train.compile_mode", s.compile_mode),
                        ("model.attn_backend", attn_backend), ("alignment.backend", s.alignment_backend)):
@@ -312,8 +316,10 @@ def _bench_variant(s: TrainSettings, phase: str, batch: int, variant: tuple[str,
                                              lambda line: print(line, file=sys.stderr))
         config = bench_config(s, phase, batch, device, compiled, attention)
 
+    unread = ("images",) if phase in F.UNALIGNED else ()  # the trainer's loader reads no images there
+
     def copy_batch() -> dict[str, torch.Tensor]:
-        return {k: t.to(device, non_blocking=True) for k, t in host.items()}
+        return {k: t.to(device, non_blocking=True) for k, t in host.items() if k not in unread}
 
     torch.manual_seed(s.seed)
     if reference:

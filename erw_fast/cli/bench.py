@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "built-in defaults, SiT-XL/2 + DINOv2-B)")
     train.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. model.name=SiT-B/2")
     train.add_argument("--batch", type=int, nargs="+", default=[32], help="batch sizes to sweep (one device)")
-    train.add_argument("--phases", default="warmup,full", help="comma-separated: warmup, full, repa, sit, reg")
+    train.add_argument("--phases", default="warmup,full",
+                       help="comma-separated: warmup, full, repa, sit, reg, denoise (after the alignment stopped)")
     train.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     train.add_argument("--device", default="auto")

@@ -36,6 +36,11 @@ class Teacher:
         """Take ``other``'s encoders (or feature description) in place: the phases hold this object."""
         self.encoders, self.dims, self.patches = other.encoders, other.dims, other.patches
 
+    def release(self) -> None:
+        """Drop the encoders (their memory) once nothing calls them (the alignment stopped); the projector widths
+        stay known, for the model and its export."""
+        self.dims, self.encoders = self.z_dims, []
+
     @torch.no_grad()
     def targets(self, batch: dict[str, torch.Tensor], sl: slice, with_cls: bool = False) -> list[torch.Tensor]:
         if "features" in batch:  # precomputed teacher features (one encoder)

@@ -48,6 +48,10 @@ class LocalEngine:
             return model
         e = self.config.engine
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        unused = getattr(self.module, "unused_parameters", ())  # e.g. the projectors once the alignment stopped
+        if unused:  # DDP would wait for their gradients forever
+            prefix = "" if model is self.module else "_orig_mod."  # torch.compile(scope model) wraps the module
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [prefix + n for n in unused])
         return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=e.ddp_bucket_mb,
                                        gradient_as_bucket_view=e.ddp_gradient_as_bucket_view,
                                        static_graph=e.ddp_static_graph)

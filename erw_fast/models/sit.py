@@ -314,12 +314,13 @@ class SiT(_SiTTrunk):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
         cls_token: torch.Tensor | None = None, attn_blocks: Sequence[int] | None = None,
-        attn_heads: Sequence[int] | None = None,
+        attn_heads: Sequence[int] | None = None, project: bool = True,
     ) -> tuple:
         """(v, zs), with a class token (v, zs, class-token velocity); with ``attn_blocks`` (blocks from 1) one more
         element last: those blocks' attention logits (q·scale)·kᵀ after QK-norm and RoPE, (N, heads, P, P) over
         the P patch tokens (a class token's row and column left out), of ``attn_heads`` (default: all), in the
-        order of ``attn_blocks`` (HASTE's distillation). The other blocks keep their fused kernel untouched."""
+        order of ``attn_blocks`` (HASTE's distillation). The other blocks keep their fused kernel untouched.
+        ``project=False``: the projectors are skipped (``zs`` is empty), as after the alignment stopped."""
         h, c = self.embed(x, t, y, force_drop_ids, cls_token)
         capture = self._logit_capture(attn_blocks, attn_heads)
         maps: dict[int, torch.Tensor] = {}
@@ -329,7 +330,7 @@ class SiT(_SiTTrunk):
                 h, maps[i] = block(h, c, self.feat_rope, capture[i], self.num_prefix_tokens)
             else:
                 h = block(h, c, self.feat_rope)
-            if i + 1 == self.encoder_depth:
+            if project and i + 1 == self.encoder_depth:
                 zs = self.project(h)
         if self.cls_token_dim is None:
             out: tuple = (self.unpatchify(self.final_layer(h, c)), zs)

@@ -160,6 +160,7 @@ def diffusion_loss(
     attention: AttentionDistillation | None = None,
     teacher_attention: Sequence[torch.Tensor] | None = None,
     attention_weight: float = 0.0,
+    project: bool = True,
 ) -> DiffusionLossOutput:
     """v-prediction MSE at t drawn from ``time_weighting`` (+ λ·alignment when features are given).
 
@@ -172,7 +173,9 @@ def diffusion_loss(
     and ``cls_weight`` · the per-sample mean over Dc of its squared error, averaged over the batch, is added.
 
     HASTE (``attention`` with the teacher's maps ``teacher_attention``): the model also returns the attention
-    logits of the distilled blocks and heads, and ``attention_weight`` · their soft cross-entropy is added."""
+    logits of the distilled blocks and heads, and ``attention_weight`` · their soft cross-entropy is added.
+
+    ``project=False`` asks the model not to run its projectors (once the alignment weights are 0 for good)."""
     if t is None:
         t = interpolant.sample_time(
             latents.shape[0], time_weighting, device=latents.device, dtype=latents.dtype, generator=generator
@@ -183,6 +186,8 @@ def diffusion_loss(
     extra = () if force_drop_ids is None else (force_drop_ids,)
     maps = {} if attention is None else {"attn_blocks": attention.student_blocks,
                                          "attn_heads": attention.student_heads}
+    if not project:  # only then: any model keeps working with the plain call
+        maps["project"] = False
     if cls_token is None:
         prediction, projs, *student_attention = model(x_t, t, labels, *extra, **maps)
     else:
