@@ -328,8 +328,9 @@ def _config(*overrides: str):
 
 def test_the_preset_plans_repa_with_haste_stopping_at_250k():
     config = load_config(REPO_CONFIGS / "haste_sit_xl2.yaml", ["run.device=cpu"])
-    (phase,) = plan_phases(config, Teacher(), "torch")
-    assert phase.name == "repa" and phase.attn == AttentionDistillation((5, 6, 7, 8), (9, 10, 11, 12),
+    phase, after = plan_phases(config, Teacher(), "torch")  # both terms stop at 250k: the teacher stops there
+    assert (after.name, after.start, after.end, after.aligns) == ("denoise", 250_000, 400_000, False)
+    assert phase.name == "repa" and phase.end == 250_000 and phase.attn == AttentionDistillation((5, 6, 7, 8), (9, 10, 11, 12),
                                                                          tuple(range(12)))
     assert isinstance(phase.attn_lam, HardStop) and phase.attn_lam.zero_from == 250_000
     assert phase.attention_weight(249_999) == 0.5 and phase.attention_weight(250_000) == 0.0
