@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _golden_helpers import RTOL, rel_err
 from _trainer_helpers import launch, read, tiny_config
 
 import erw_fast.phases as phases_module
@@ -29,14 +30,6 @@ from erw_fast.randomness import StepDraw
 from erw_fast.runtime import DistEnv
 from erw_fast.step import TrainStep
 from erw_fast.trainer import Trainer
-
-RTOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    return ((a - b).abs().max() / b.abs().max()).item()
-
 
 # ---------------------------------------------------------------------------------------------- the schedules
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _golden_helpers import RTOL, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from erw_fast.config import ConfigError, load_config
@@ -27,13 +28,7 @@ from erw_fast.phases import DiffusionPhase, plan_phases
 from erw_fast.randomness import StepDraw
 from erw_fast.runtime import DistEnv
 
-RTOL = 1e-5
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +325,8 @@ def test_the_preset_plans_repa_with_haste_stopping_at_250k():
     config = load_config(REPO_CONFIGS / "haste_sit_xl2.yaml", ["run.device=cpu"])
     phase, after = plan_phases(config, Teacher(), "torch")  # both terms stop at 250k: the teacher stops there
     assert (after.name, after.start, after.end, after.aligns) == ("denoise", 250_000, 400_000, False)
-    assert phase.name == "repa" and phase.end == 250_000 and phase.attn == AttentionDistillation((5, 6, 7, 8), (9, 10, 11, 12),
-                                                                         tuple(range(12)))
+    assert phase.name == "repa" and phase.end == 250_000
+    assert phase.attn == AttentionDistillation((5, 6, 7, 8), (9, 10, 11, 12), tuple(range(12)))
     assert isinstance(phase.attn_lam, HardStop) and phase.attn_lam.zero_from == 250_000
     assert phase.attention_weight(249_999) == 0.5 and phase.attention_weight(250_000) == 0.0
     assert config.alignment.weight == 0.5 and config.alignment.stop_step == 250_000

@@ -12,19 +12,13 @@ import json
 
 import pytest
 import torch
+from _golden_helpers import RTOL, rel_err
 from torch import nn
 
 from erw_fast.encoders.teacher import Teacher
 from erw_fast.models import SiT
 from erw_fast.objectives import AlignmentObjective
 from erw_fast.objectives.target_norm import TargetNorm
-
-RTOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _golden_helpers import RTOL, rel_err
 from torch import nn
 
 from erw_fast.config import load_config
@@ -23,13 +24,6 @@ from erw_fast.phases import RegPhase, plan_phases
 from erw_fast.randomness import GlobalBatchRandomness, StepDraw
 from erw_fast.runtime import DistEnv
 from erw_fast.sampling import euler_maruyama_sampler
-
-RTOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
