@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _golden_helpers import RTOL, rel_err
+from _golden_helpers import RTOL, check_step, rel_err
 from torch import nn
 
 from erw_fast.config import load_config
@@ -129,13 +129,7 @@ def test_training_step_matches_reg_from_the_recorded_draws(reg, state_dict, tmp_
     assert rel_err(parts["loss_cls"], g["denoising_loss_cls"].mean()) <= RTOL
     assert rel_err(0.03 * parts["loss_cls"], g["loss_mean_cls"]) <= RTOL
     assert rel_err(loss, g["loss"]) <= RTOL
-    engine.backward(loss)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert set(grads) == set(g["grads"]) and "pos_embed" not in grads
-    for name, grad in grads.items():
-        assert rel_err(grad, g["grads"][name]) <= RTOL, name
-    outcome = engine.step(loss)
-    assert rel_err(outcome.grad_norm, g["grad_norm"]) <= RTOL
+    check_step(engine, model, loss, g)
 
 
 def test_step_draws_follow_reg_order():
