@@ -29,22 +29,24 @@ lint: $(STAMP)
 # Tests. Markers (registered in pyproject.toml, --strict-markers): slow (> ~3 s on 2 CPU cores, or a real
 # training run), multiprocess (spawns processes: torchrun / deepspeed launchers, python subprocesses, DataLoader or
 # DALI workers), gpu (needs CUDA; skipped without it).
-#   make test       the full suite (what CI runs, .ci/run)
+#   make test       the full suite (what CI runs, .ci/run), in TEST_WORKERS pytest-xdist processes (~8 min on 2
+#                   cores; 13 min in one process: the launcher tests mostly wait)
 #   make test-fast  ruff + everything unmarked: unit tests, golden parity, the Triton kernels in the interpreter on
 #                   small shapes (~1-1.5 min on 2 cores); extra pytest arguments in PYTEST_ARGS
 #   make test-slow  the rest: the marked tests only
 FAST := not slow and not multiprocess and not gpu
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m "slow or multiprocess or gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "slow or multiprocess or gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) train.py --config configs/demo.yaml

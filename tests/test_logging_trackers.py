@@ -4,6 +4,7 @@ with and without guidance, the phase switch at its step, and the plain log lines
 import io
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -182,7 +183,9 @@ def test_resumed_run_keeps_one_history_and_one_wandb_run(tmp_path, monkeypatch, 
     assert tb_scalars(acc, "loss") == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-6)
     assert (run_dir / WANDB_ID_FILE).read_text().strip() == first_id
     runs = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{first_id}") for r in runs)
+    # wandb names a run directory offline-run-<time>-<id>, with "-1" added when two start within one second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first_id}(-\d+)?", r.name)
+                                  for r in runs)
     histories = [wandb_offline_run(next(r.glob("*.wandb"))) for r in runs]
     assert [h[0] for h in histories] == [first_id, first_id]
     assert sorted(histories[0][1]) == list(range(1, 12)) and sorted(histories[1][1]) == list(range(9, 15))
