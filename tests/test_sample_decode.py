@@ -117,3 +117,16 @@ def test_sample_decodes_with_the_recorded_scale_and_a_rerun_is_a_noop(tiny_vae, 
     assert sample.main([*argv, "--seed", "6"]) == 2
     assert "'seed': 5} there, {'seed': 6} now" in capsys.readouterr().err
     assert sample.main([*argv, "--overwrite"]) == 0 and calls
+
+
+def test_the_manifest_names_a_local_vae_by_its_absolute_path(tmp_path, monkeypatch):
+    """erw-prepare run with --vae ./vae: a sampler started from another directory must still find that VAE."""
+    from types import SimpleNamespace
+
+    from erw_fast.data.vae import vae_info
+
+    (tmp_path / "vae").mkdir()
+    monkeypatch.chdir(tmp_path)
+    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.13025, latent_channels=4))
+    assert vae_info(vae, "./vae")["name"] == str(tmp_path / "vae")
+    assert vae_info(vae, "stabilityai/sd-vae-ft-ema")["name"] == "stabilityai/sd-vae-ft-ema"  # a hub name as given

@@ -58,7 +58,8 @@ def vae_info(vae: nn.Module, name: str) -> dict[str, Any]:
     cfg = getattr(vae, "config", None)
     scale = getattr(cfg, "scaling_factor", None)
     return {
-        "name": name,
+        # A local directory by its absolute path: samplers read it back from any working directory (--vae auto).
+        "name": os.path.abspath(name) if os.path.isdir(name) else name,
         "scaling_factor": float(scale) if scale is not None else SD_SCALING_FACTOR,
         "latent_channels": int(getattr(cfg, "latent_channels", 4)),
         "dtype": "float16",
