@@ -102,6 +102,7 @@ TESTS=(
   tests/test_device_prefetch.py::test_cuda_batches_staged_on_a_side_stream_are_safe_to_use
   tests/test_loader_threads_cuda.py
   tests/test_checkpoint.py::test_cuda_rng_and_map_location
+  tests/test_alignment_family_devices.py
   tests/test_kernels_nt_xent.py::test_one_pass_matches_reference
   tests/test_kernels_nt_xent.py::test_matches_reference
   tests/test_kernels_cosine.py::test_matches_reference
