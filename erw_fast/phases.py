@@ -319,7 +319,7 @@ def alignment_schedule(config: Config, start: int, erw: ERWLambdaSchedule | None
 def stop_point(phase: DiffusionPhase) -> int | None:
     """The first step from which every alignment term of ``phase`` is 0 for good (the max of the terms'
     ``zero_from``; None when one never reaches 0). The terms: λ and HASTE's attention weight ``attn_lam``."""
-    terms = [w for w in (phase.lam, getattr(phase, "attn_lam", None)) if w is not None]
+    terms = [w for w in (phase.lam, phase.attn_lam) if w is not None]
     ends = [w.zero_from for w in terms]
     if not terms or any(e is None for e in ends):
         return None
