@@ -33,7 +33,7 @@ from erw_fast.checkpoint_state import (
 )
 from erw_fast.config import Config, ConfigError, dump_config, load_config
 from erw_fast.data.device_prefetch import describe_device_prefetch
-from erw_fast.encoders.teacher import Teacher, load_teacher, target_norm
+from erw_fast.encoders.teacher import Teacher, encoder_widths, load_teacher, target_norm
 from erw_fast.engines import Engine, build_engine, select_engine
 from erw_fast.metrics import LogWindow, MetricsWriter, global_means
 from erw_fast.models import describe_attention_backend
@@ -183,6 +183,16 @@ class Trainer:
         self.loader.restore_skip_count(skipped)
         self._release_teacher()
 
+    def _load_teacher(self, state: dict[str, Any] | None) -> Teacher:
+        """The run's encoders; none when it resumes after its alignment stopped and no monitor calls them (the
+        projector widths then come from the encoder registry)."""
+        c = self.config
+        resumed = next((p for p in self.phases if state is not None and p.name == state["phase"]), None)
+        if resumed is not None and resumed.keeps_state and not c.logging.cknna_every:
+            self.log("teacher: not loaded (the run resumes after its alignment stopped)")
+            return Teacher(dims=encoder_widths(c))
+        return load_teacher(c, self.device, c.model.num_tokens(), self.log)
+
     def _release_teacher(self) -> None:
         """After the alignment stopped nothing calls the teacher but the CKNNA monitor: without it, free it."""
         if self.config.logging.cknna_every or not self.teacher.encoders:
@@ -260,7 +270,7 @@ class Trainer:
         self.log(f"batch: global {b.global_batch} = {self.env.world_size} device(s) × {b.local_batch} per device = "
                  f"{b.micro_batch} per micro-batch × {b.accumulation} accumulation step(s); device {self.device}; "
                  f"engine {self.engine_kind} ({self.engine_reason})")
-        self.teacher.replace_with(load_teacher(c, self.device, c.model.num_tokens(), self.log))
+        self.teacher.replace_with(self._load_teacher(state))
         if self.attn_backend == "measure":
             from erw_fast.models.attention_select import measured_backend_for_run
 
@@ -270,8 +280,6 @@ class Trainer:
         if source is not None:
             step = self._restore(source, state, honoured)
             del state
-            if self.phase.keeps_state:  # resumed after the alignment stopped
-                self._release_teacher()
         elif c.checkpoint.init_from_reference:
             step = self._init_from_reference(c.checkpoint.init_from_reference)
         else:
@@ -282,8 +290,12 @@ class Trainer:
             dump_config(c, self.run_dir / "config.yaml")  # atomic
         # Before the loader: a tracker that cannot start (no W&B login) is a config error, not a leaked loader.
         metrics = MetricsWriter.for_run(c, step) if self.env.is_main else None  # + TensorBoard / W&B
-
-        self.loader = self._build_loader(step)
+        try:
+            self.loader = self._build_loader(step)
+        except BaseException:
+            if metrics is not None:  # a shard error: the trackers' files and W&B run are closed, not left open
+                metrics.close()
+            raise
         self.loader.restore_skip_count(self._skips_at_resume)
         self.monitor = TrainingMonitor(c, self.run_dir, self.device, self._held_out_batch)
         from erw_fast.data.loaders import resolve_num_workers

@@ -293,10 +293,15 @@ def test_repa_hard_stop_switches_the_teacher_off_and_keeps_the_optimizer_state(t
 
 
 @pytest.mark.slow
-def test_resume_across_the_stop_is_exact(tmp_path, uninterrupted):
+def test_resume_across_the_stop_is_exact(tmp_path, uninterrupted, monkeypatch, capsys):
     for budget in (6, 2, None):  # stops at E-1 = 6 and at E+1 = 8
         extra = [] if budget is None else [f"train.max_steps_per_run={budget}"]
+        if budget is None:  # resumed at 8, after the stop: the teacher is not even loaded
+            monkeypatch.setattr("erw_fast.encoders.load_encoders", _no_encoders)
+            capsys.readouterr()
         Trainer(tiny_config(tmp_path, "pieces", *REPA_STOP, *extra)).run()
+    assert "teacher: not loaded (the run resumes after its alignment stopped)" in capsys.readouterr().out
+    monkeypatch.undo()
     for budget in (7, None):  # stops at E itself, after the hand-over
         extra = [] if budget is None else [f"train.max_steps_per_run={budget}"]
         Trainer(tiny_config(tmp_path, "at_stop", *REPA_STOP, *extra)).run()
@@ -306,6 +311,10 @@ def test_resume_across_the_stop_is_exact(tmp_path, uninterrupted):
         assert a["phase"] == b["phase"] == "denoise"
         for part in ("model", "ema"):
             assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (name, part)
+
+
+def _no_encoders(*args, **kwargs):
+    raise AssertionError("the teacher was loaded after the alignment stopped")
 
 
 @pytest.mark.slow

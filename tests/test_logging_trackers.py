@@ -318,3 +318,22 @@ def test_wandb_without_a_login_is_one_config_error(tmp_path, monkeypatch):
     finally:
         wandb.teardown()
     assert (tmp_path / WANDB_ID_FILE).is_file()  # kept for the next invocation
+
+
+def test_a_loader_that_fails_to_start_leaves_no_tracker_open(tmp_path, monkeypatch):
+    """The trackers start before the data loader (a W&B that cannot start is a config error before any worker is
+    spawned); a loader error then closes them: the TensorBoard file is flushed and closed, not left to exit."""
+    from erw_fast.metrics import MetricsWriter
+
+    closed: list[bool] = []
+    close = MetricsWriter.close
+    monkeypatch.setattr(MetricsWriter, "close", lambda self: (closed.append(True), close(self))[1])
+
+    def broken(*args, **kwargs):
+        raise OSError("shard-000003.tar: No such file or directory")
+
+    monkeypatch.setattr(Trainer, "_build_loader", broken)
+    config = tiny_config(tmp_path, "no_data", "logging.tensorboard=true")
+    with pytest.raises(OSError, match="shard-000003"):
+        Trainer(config).run()
+    assert closed == [True] and list((config.run_dir / "tb").glob("events.out.tfevents.*"))

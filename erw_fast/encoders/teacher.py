@@ -85,6 +85,13 @@ def target_norm(alignment: AlignmentConfig) -> TargetNorm:
     return TargetNorm(alignment.target_norm, alignment.zscore_alpha)
 
 
+def encoder_widths(config: Config) -> list[int]:
+    """The projector widths of this run's encoders, from the encoder registry: known without loading them."""
+    from erw_fast.encoders.registry import get_encoder_spec, parse_encoder_names
+
+    return [get_encoder_spec(name).embed_dim for name in parse_encoder_names(config.encoder.names)]
+
+
 def class_token_dim(config: Config) -> int | None:
     """The width of REG's class token for this run (the first encoder's; None when the run has no class token),
     from the encoder registry: known before any weights are loaded."""
