@@ -49,3 +49,16 @@ def launch(tmp_path, name, *extra, ranks=2, launcher="torchrun", flags=()):
                             cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+def short_demo_run(out, *extra):
+    """``make demo``'s config cut to 6 steps (2 of warmup) on 64 samples, trained in ``out``/demo; its config."""
+    from erw_fast.trainer import Trainer
+
+    config = load_config(REPO / "configs" / "demo.yaml", [
+        "train.total_steps=6", "erw.warmup_steps=2", "data.num_samples=64", "train.global_batch_size=8",
+        "logging.progress=false", "logging.plot=false", "checkpoint.every=100", f"run.output_dir={out}",
+        "run.name=demo", *extra,
+    ])
+    Trainer(config).run()
+    return config

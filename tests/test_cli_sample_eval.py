@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _trainer_helpers import short_demo_run
 
 from erw_fast.cli import analyze, evaluate, sample
-from erw_fast.config import load_config
 from erw_fast.data import DemoShapesDataset
 from erw_fast.data.demo import toy_decode
 from erw_fast.evaluation import build_fid_inception
 from erw_fast.sampling import euler_sampler
-from erw_fast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,13 +25,7 @@ pytestmark = pytest.mark.slow  # every test uses demo_run, a training run
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    config = load_config(REPO / "configs" / "demo.yaml", [
-        "train.total_steps=6", "erw.warmup_steps=2", "data.num_samples=64", "train.global_batch_size=8",
-        "logging.progress=false", "logging.plot=false", "checkpoint.every=100", f"run.output_dir={out}",
-        "run.name=demo",
-    ])
-    Trainer(config).run()
+    config = short_demo_run(tmp_path_factory.mktemp("runs"))
     ckpt = config.run_dir / "reference" / "0000006.pt"
     assert ckpt.is_file()
     return config, ckpt

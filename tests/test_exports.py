@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _trainer_helpers import short_demo_run
 
 from erw_fast.checkpoint import import_reference_checkpoint, list_checkpoints
 from erw_fast.cli import export, sample
 from erw_fast.cli.loading import load_sit_checkpoint
-from erw_fast.config import load_config
 from erw_fast.models import SiT
-from erw_fast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,14 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def rope_run(tmp_path_factory):
     """The demo's non-standard SiT (6 blocks, width 128, 4 heads under the name SiT-S/2), RoPE in Phase 2."""
-    out = tmp_path_factory.mktemp("runs")
-    config = load_config(REPO / "configs" / "demo.yaml", [
-        "train.total_steps=6", "erw.warmup_steps=2", "data.num_samples=64", "train.global_batch_size=8",
-        "logging.progress=false", "logging.plot=false", "checkpoint.every=100", f"run.output_dir={out}",
-        "run.name=demo", "model.use_rope=true",
-    ])
-    Trainer(config).run()
-    return config
+    return short_demo_run(tmp_path_factory.mktemp("runs"), "model.use_rope=true")
 
 
 @pytest.mark.slow

@@ -152,8 +152,7 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, heads: Sequence[int], ski
     heads = list(heads)
     if heads == list(range(heads[0], heads[0] + len(heads))):  # a run of heads: a view, no gather
         q, k = q[:, heads[0] : heads[0] + len(heads)], k[:, heads[0] : heads[0] + len(heads)]
-    else:
-        index = torch.tensor(heads, device=q.device)
-        q, k = q.index_select(1, index), k.index_select(1, index)
+    else:  # stacked views: no index tensor to copy to the device every step
+        q, k = torch.stack([q[:, h] for h in heads], dim=1), torch.stack([k[:, h] for h in heads], dim=1)
     q, k = q[:, :, skip_tokens:], k[:, :, skip_tokens:]
     return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
